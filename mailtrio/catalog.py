@@ -1,0 +1,208 @@
+"""The immutable template catalog (CONTRACT §6).
+
+Layout: `<root>/<template_id>/<locale>/subject.txt.j2`, `body.txt.j2` (required) and
+`body.html.j2` (optional); shared pieces under `<root>/_partials/`. Everything is parsed once at
+startup in a sandboxed environment where undefined variables are errors and HTML is autoescaped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+SUBJECT = "subject.txt.j2"
+TEXT = "body.txt.j2"
+HTML = "body.html.j2"
+PARTIALS = "_partials"
+_TEMPLATE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+LOCALE_RE = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-(?:[A-Z]{2}|[0-9]{3}))?$")
+
+
+class CatalogError(Exception):
+    """The catalog is not usable; `problems` lists `file:line: message` strings."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+class RenderError(Exception):
+    """Rendering one delivery failed (undefined variable, sandbox violation, ...)."""
+
+
+@dataclass(frozen=True)
+class Rendered:
+    subject: str
+    text: str | None
+    html: str | None
+    resolved_locale: str
+
+
+@dataclass(frozen=True)
+class _Entry:
+    subject: jinja2.Template
+    text: jinja2.Template
+    html: jinja2.Template | None
+
+
+def locale_chain(locale: str, default_locale: str) -> list[str]:
+    """`zh-Hant-TW` -> [`zh-Hant-TW`, `zh-Hant`, `zh`, default]."""
+    parts = locale.split("-")
+    chain = ["-".join(parts[:i]) for i in range(len(parts), 0, -1)]
+    if default_locale not in chain:
+        chain.append(default_locale)
+    return chain
+
+
+def _environment(root: Path) -> ImmutableSandboxedEnvironment:
+    return ImmutableSandboxedEnvironment(
+        loader=jinja2.FileSystemLoader(str(root)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=jinja2.select_autoescape(
+            enabled_extensions=("html.j2", "html"), default_for_string=False, default=False
+        ),
+        keep_trailing_newline=False,
+        auto_reload=False,
+        cache_size=-1,
+    )
+
+
+def _describe(exc: BaseException, root: Path, fallback: str) -> str:
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        name = exc.filename or (str(root / exc.name) if exc.name else fallback)
+        return f"{name}:{exc.lineno}: {exc.message}"
+    if isinstance(exc, jinja2.TemplateNotFound):
+        return f"{fallback}:1: included template not found: {exc.name}"
+    return f"{fallback}:1: {exc}"
+
+
+@dataclass
+class Catalog:
+    root: Path
+    default_locale: str
+    _entries: dict[str, dict[str, _Entry]] = field(default_factory=dict)
+
+    @property
+    def template_ids(self) -> frozenset[str]:
+        return frozenset(self._entries)
+
+    def locales(self, template_id: str) -> frozenset[str]:
+        return frozenset(self._entries.get(template_id, {}))
+
+    def has_template(self, template_id: str) -> bool:
+        return template_id in self._entries
+
+    @classmethod
+    def load(cls, root: Path, default_locale: str) -> Catalog:
+        """Parse the whole catalog; raise CatalogError listing every problem with file:line."""
+        root = Path(root)
+        problems: list[str] = []
+        if not root.is_dir():
+            raise CatalogError([f"{root}:1: template directory does not exist"])
+        env = _environment(root)
+        catalog = cls(root=root, default_locale=default_locale)
+        # Partials are parsed too, so a broken one is reported even if nothing includes it yet.
+        partials = root / PARTIALS
+        if partials.is_dir():
+            for path in sorted(partials.rglob("*")):
+                if path.is_file():
+                    rel = path.relative_to(root).as_posix()
+                    try:
+                        env.get_template(rel)
+                    except Exception as exc:
+                        problems.append(_describe(exc, root, str(path)))
+        for tdir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != PARTIALS):
+            if tdir.name.startswith("."):
+                continue
+            if not _TEMPLATE_ID_RE.match(tdir.name):
+                problems.append(f"{tdir}:1: invalid template id {tdir.name!r}")
+                continue
+            locales: dict[str, _Entry] = {}
+            for ldir in sorted(p for p in tdir.iterdir() if p.is_dir()):
+                if not LOCALE_RE.match(ldir.name):
+                    problems.append(f"{ldir}:1: locale directory {ldir.name!r} is not canonical BCP 47")
+                    continue
+                entry = catalog._load_locale(env, root, ldir, problems)
+                if entry is not None:
+                    locales[ldir.name] = entry
+            if default_locale not in locales and not any(
+                p.startswith(f"{tdir}/{default_locale}/") for p in problems
+            ):
+                problems.append(
+                    f"{tdir / default_locale}:1: template {tdir.name!r} has no default locale "
+                    f"{default_locale!r}"
+                )
+            catalog._entries[tdir.name] = locales
+        if not catalog._entries and not problems:
+            problems.append(f"{root}:1: the catalog has no templates")
+        if problems:
+            raise CatalogError(problems)
+        return catalog
+
+    def _load_locale(
+        self, env: jinja2.Environment, root: Path, ldir: Path, problems: list[str]
+    ) -> _Entry | None:
+        loaded: dict[str, jinja2.Template] = {}
+        ok = True
+        for name in (SUBJECT, TEXT, HTML):
+            path = ldir / name
+            if not path.is_file():
+                if name != HTML:
+                    problems.append(f"{path}:1: required file is missing")
+                    ok = False
+                continue
+            rel = path.relative_to(root).as_posix()
+            try:
+                loaded[name] = env.get_template(rel)
+                # Parse everything it includes/extends/imports now, not at first render.
+                source = path.read_text(encoding="utf-8")
+                for ref in jinja2.meta.find_referenced_templates(env.parse(source)):
+                    if ref is not None:
+                        env.get_template(ref)
+            except UnicodeDecodeError as exc:
+                problems.append(f"{path}:1: not valid UTF-8 ({exc.reason})")
+                ok = False
+            except Exception as exc:
+                problems.append(_describe(exc, root, str(path)))
+                ok = False
+        if not ok:
+            return None
+        return _Entry(loaded[SUBJECT], loaded[TEXT], loaded.get(HTML))
+
+    def resolve_locale(self, template_id: str, locale: str) -> str:
+        locales = self._entries[template_id]
+        for candidate in locale_chain(locale, self.default_locale):
+            if candidate in locales:
+                return candidate
+        raise KeyError(f"{template_id}/{locale}")
+
+    def render(self, template_id: str, locale: str, variables: Mapping[str, Any]) -> Rendered:
+        """Render subject, text and html. Raises RenderError; never returns empty content."""
+        if template_id not in self._entries:
+            raise RenderError(f"unknown template {template_id!r}")
+        resolved = self.resolve_locale(template_id, locale)
+        entry = self._entries[template_id][resolved]
+        ctx = dict(variables)
+        try:
+            subject = " ".join(entry.subject.render(ctx).split())
+            text = entry.text.render(ctx).strip("\n")
+            html = entry.html.render(ctx) if entry.html is not None else None
+        except jinja2.UndefinedError as exc:
+            raise RenderError(f"undefined variable: {exc.message}") from exc
+        except jinja2.exceptions.SecurityError as exc:
+            raise RenderError(f"sandbox violation: {exc}") from exc
+        except Exception as exc:
+            raise RenderError(f"{type(exc).__name__}: {exc}") from exc
+        if not subject:
+            raise RenderError("empty subject")
+        if not text.strip() and not (html and html.strip()):
+            raise RenderError("empty body")
+        return Rendered(subject=subject, text=text if text.strip() else None, html=html, resolved_locale=resolved)
+

@@ -1,0 +1,341 @@
+"""Configuration: parsed once from an environment mapping into a frozen Settings (CONTRACT §2).
+
+Every check happens here, before any network I/O. A mistake raises ConfigError naming the
+variable; the CLI turns it into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.utils import parseaddr
+from pathlib import Path
+
+
+class ConfigError(Exception):
+    def __init__(self, variable: str, message: str) -> None:
+        super().__init__(f"{variable}: {message}")
+        self.variable = variable
+        self.message = message
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration (`250ms`, `1m30s`, `4h`) into seconds. Raises ValueError."""
+    s = text.strip()
+    if not s:
+        raise ValueError("empty duration")
+    sign = 1.0
+    if s[0] in "+-":
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    if s == "0":
+        return 0.0
+    pos = 0
+    total = 0.0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if not m:
+            raise ValueError(f"invalid duration {text!r} (Go syntax, e.g. 250ms, 30s, 1m30s, 4h)")
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def format_duration(seconds: float) -> str:
+    """Inverse of parse_duration for display (`90` -> `1m30s`)."""
+    if seconds == 0:
+        return "0s"
+    ms = round(seconds * 1000)
+    h, rem = divmod(ms, 3_600_000)
+    m, rem = divmod(rem, 60_000)
+    s, ms = divmod(rem, 1000)
+    out = ""
+    if h:
+        out += f"{h}h"
+    if m:
+        out += f"{m}m"
+    if s or ms:
+        out += f"{s}.{ms:03d}".rstrip("0").rstrip(".") + "s" if ms else f"{s}s"
+    return out
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """Parse `host:port` (IPv6 as `[::1]:25`). Raises ValueError."""
+    t = text.strip()
+    if t.startswith("["):
+        end = t.find("]")
+        if end < 0 or t[end + 1 : end + 2] != ":":
+            raise ValueError(f"invalid address {text!r}, expected host:port")
+        host, port_s = t[1:end], t[end + 2 :]
+    else:
+        host, sep, port_s = t.rpartition(":")
+        if not sep:
+            raise ValueError(f"invalid address {text!r}, expected host:port")
+    if not host:
+        raise ValueError(f"invalid address {text!r}: empty host")
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"invalid address {text!r}: port must be 1-65535")
+    return host, int(port_s)
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_host: str
+    redis_port: int
+    redis_password: str = field(repr=False)
+    redis_db: int
+    command_stream: str
+    consumer_group: str
+    instance_id: str
+    redis_claim_idle: float
+    postgres_dsn: str = field(repr=False)
+    postgres_pool_size: int
+    template_dir: Path
+    default_locale: str
+    smtp_mode: str
+    smtp_host: str | None
+    smtp_port: int | None
+    smtp_from: str
+    smtp_username: str | None
+    smtp_password: str | None = field(repr=False)
+    smtp_tls: str
+    smtp_ca_file: Path | None
+    smtp_timeout: float
+    http_host: str
+    http_port: int
+    http_token: str | None = field(repr=False)
+    shutdown_timeout: float
+    worker_concurrency: int
+    retry_ladder: tuple[float, ...]
+    idempotency_ttl: float
+    retention_period: float
+    retention_interval: float
+    log_format: str
+    log_level: str
+
+    @property
+    def lease_seconds(self) -> float:
+        """A delivery's lease lasts the SMTP timeout plus a 15 s margin (CONTRACT §2)."""
+        return self.smtp_timeout + 15.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        return _parse(os.environ if env is None else env)
+
+
+# Every variable the service reads, with its default ("" = none). Documentation is generated
+# from (and tested against) this table so the README cannot drift from the code.
+VARIABLES: dict[str, tuple[bool, str, str]] = {
+    "MAIL_REDIS_MASTER_ADDR": (True, "", "host:port of the Redis master"),
+    "MAIL_REDIS_PASSWORD": (False, "", "Redis password (never logged)"),
+    "MAIL_REDIS_DB": (False, "0", "Redis logical database"),
+    "MAIL_REDIS_COMMAND_STREAM": (False, "mail:delivery_commands", "inbound command stream"),
+    "MAIL_REDIS_CONSUMER_GROUP": (False, "mailservice", "consumer group; its offset is the persisted consumer offset"),
+    "MAIL_INSTANCE_ID": (False, "<hostname>-<pid>", "consumer name and lease owner"),
+    "MAIL_REDIS_CLAIM_IDLE": (False, "1m", "entries pending this long on another consumer are claimed"),
+    "MAIL_POSTGRES_PRIMARY_DSN": (True, "", "libpq URI or key=value DSN (never logged)"),
+    "MAIL_POSTGRES_POOL_SIZE": (False, "10", "PostgreSQL pool size"),
+    "MAIL_TEMPLATE_DIR": (True, "", "template catalog root"),
+    "MAIL_DEFAULT_LOCALE": (False, "en", "last step of locale fallback"),
+    "MAIL_SMTP_MODE": (True, "", "smtp or stub"),
+    "MAIL_SMTP_ADDR": (False, "", "host:port of the SMTP server (required with smtp)"),
+    "MAIL_SMTP_FROM": (False, "Mail Service <no-reply@localhost>", "sender identity (required with smtp)"),
+    "MAIL_SMTP_USERNAME": (False, "", "SMTP AUTH user (with MAIL_SMTP_PASSWORD)"),
+    "MAIL_SMTP_PASSWORD": (False, "", "SMTP AUTH password (never logged)"),
+    "MAIL_SMTP_TLS": (False, "starttls", "starttls, tls or none"),
+    "MAIL_SMTP_CA_FILE": (False, "", "CA bundle to verify the SMTP server (default: system store)"),
+    "MAIL_SMTP_TIMEOUT": (False, "30s", "bound on one SMTP transaction; lease = this + 15s"),
+    "MAIL_INTERNAL_HTTP_ADDR": (False, "127.0.0.1:8080", "internal HTTP listener"),
+    "MAIL_INTERNAL_HTTP_TOKEN": (False, "", "bearer token required on every route when set"),
+    "MAIL_SHUTDOWN_TIMEOUT": (False, "30s", "bound on the whole coordinated shutdown"),
+    "MAIL_ATTEMPT_WORKER_CONCURRENCY": (False, "16", "attempt workers"),
+    "MAIL_RETRY_LADDER": (False, "1m,5m,15m,1h,4h", "delay before retry 1, 2, ..."),
+    "MAIL_IDEMPOTENCY_TTL": (False, "168h", "how long an idempotency reservation is kept"),
+    "MAIL_RETENTION_PERIOD": (False, "720h", "age after which terminal rows are deleted"),
+    "MAIL_RETENTION_INTERVAL": (False, "1h", "how often the retention worker runs"),
+    "MAIL_LOG_FORMAT": (False, "json", "json or console"),
+    "MAIL_LOG_LEVEL": (False, "info", "debug, info, warning, error"),
+}
+
+_LOCALE_RE = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?$")
+_STREAM_NAME_RE = re.compile(r"^[^\s]{1,256}$")
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _parse(env: Mapping[str, str]) -> Settings:
+    def get(name: str) -> str:
+        return env.get(name, "").strip()
+
+    def required(name: str) -> str:
+        value = get(name)
+        if not value:
+            raise ConfigError(name, "is required")
+        return value
+
+    def default(name: str) -> str:
+        return get(name) or VARIABLES[name][1]
+
+    def duration(name: str, *, positive: bool = True) -> float:
+        raw = default(name)
+        try:
+            value = parse_duration(raw)
+        except ValueError as exc:
+            raise ConfigError(name, str(exc)) from None
+        if positive and value <= 0:
+            raise ConfigError(name, f"must be a positive duration, got {raw!r}")
+        return value
+
+    def integer(name: str, lo: int, hi: int) -> int:
+        raw = default(name)
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(name, f"must be an integer, got {raw!r}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(name, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def address(name: str, raw: str) -> tuple[str, int]:
+        try:
+            return parse_hostport(raw)
+        except ValueError as exc:
+            raise ConfigError(name, str(exc)) from None
+
+    redis_host, redis_port = address("MAIL_REDIS_MASTER_ADDR", required("MAIL_REDIS_MASTER_ADDR"))
+    redis_db = integer("MAIL_REDIS_DB", 0, 1_000_000)
+    stream = default("MAIL_REDIS_COMMAND_STREAM")
+    if not _STREAM_NAME_RE.match(stream):
+        raise ConfigError("MAIL_REDIS_COMMAND_STREAM", "must be a non-empty key without spaces")
+    group = default("MAIL_REDIS_CONSUMER_GROUP")
+    if not _STREAM_NAME_RE.match(group):
+        raise ConfigError("MAIL_REDIS_CONSUMER_GROUP", "must be a non-empty name without spaces")
+    instance_id = get("MAIL_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}"
+    if not re.match(r"^[A-Za-z0-9._:@-]{1,200}$", instance_id):
+        raise ConfigError("MAIL_INSTANCE_ID", "must be 1-200 chars of [A-Za-z0-9._:@-]")
+    claim_idle = duration("MAIL_REDIS_CLAIM_IDLE")
+
+    dsn = required("MAIL_POSTGRES_PRIMARY_DSN")
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        conninfo_to_dict(dsn)
+    except Exception:
+        raise ConfigError("MAIL_POSTGRES_PRIMARY_DSN", "is not a valid libpq URI or key=value DSN") from None
+    pool_size = integer("MAIL_POSTGRES_POOL_SIZE", 2, 1000)
+
+    template_dir = Path(required("MAIL_TEMPLATE_DIR"))
+    if not template_dir.is_dir():
+        raise ConfigError("MAIL_TEMPLATE_DIR", f"{str(template_dir)!r} is not a directory")
+    default_locale = default("MAIL_DEFAULT_LOCALE")
+    if not _LOCALE_RE.match(default_locale):
+        raise ConfigError("MAIL_DEFAULT_LOCALE", f"{default_locale!r} is not a canonical BCP 47 tag")
+
+    mode = required("MAIL_SMTP_MODE")
+    if mode not in ("smtp", "stub"):
+        raise ConfigError("MAIL_SMTP_MODE", f"must be 'smtp' or 'stub', got {mode!r}")
+    smtp_host: str | None = None
+    smtp_port: int | None = None
+    if mode == "smtp":
+        smtp_host, smtp_port = address("MAIL_SMTP_ADDR", required("MAIL_SMTP_ADDR"))
+        smtp_from = required("MAIL_SMTP_FROM")
+    else:
+        if get("MAIL_SMTP_ADDR"):
+            smtp_host, smtp_port = address("MAIL_SMTP_ADDR", get("MAIL_SMTP_ADDR"))
+        smtp_from = default("MAIL_SMTP_FROM")
+    if any(c in smtp_from for c in "\r\n\0"):
+        raise ConfigError("MAIL_SMTP_FROM", "must not contain CR, LF or NUL")
+    _, from_addr = parseaddr(smtp_from)
+    if "@" not in from_addr:
+        raise ConfigError("MAIL_SMTP_FROM", f"{smtp_from!r} is not 'Name <addr>' or 'addr'")
+    tls = default("MAIL_SMTP_TLS").lower()
+    if tls not in ("starttls", "tls", "none"):
+        raise ConfigError("MAIL_SMTP_TLS", f"must be starttls, tls or none, got {tls!r}")
+    username = get("MAIL_SMTP_USERNAME") or None
+    password = env.get("MAIL_SMTP_PASSWORD") or None
+    if username and not password:
+        raise ConfigError("MAIL_SMTP_PASSWORD", "is required when MAIL_SMTP_USERNAME is set")
+    if password and not username:
+        raise ConfigError("MAIL_SMTP_USERNAME", "is required when MAIL_SMTP_PASSWORD is set")
+    if username and tls == "none":
+        raise ConfigError("MAIL_SMTP_TLS", "credentials require starttls or tls, not none")
+    ca_raw = get("MAIL_SMTP_CA_FILE")
+    ca_file = Path(ca_raw) if ca_raw else None
+    if ca_file is not None and not ca_file.is_file():
+        raise ConfigError("MAIL_SMTP_CA_FILE", f"{ca_raw!r} is not a readable file")
+    smtp_timeout = duration("MAIL_SMTP_TIMEOUT")
+
+    http_host, http_port = address("MAIL_INTERNAL_HTTP_ADDR", default("MAIL_INTERNAL_HTTP_ADDR"))
+    http_token = env.get("MAIL_INTERNAL_HTTP_TOKEN") or None
+    shutdown_timeout = duration("MAIL_SHUTDOWN_TIMEOUT")
+    concurrency = integer("MAIL_ATTEMPT_WORKER_CONCURRENCY", 1, 10_000)
+
+    ladder_raw = default("MAIL_RETRY_LADDER")
+    try:
+        ladder = tuple(parse_duration(p) for p in ladder_raw.split(","))
+    except ValueError as exc:
+        raise ConfigError("MAIL_RETRY_LADDER", str(exc)) from None
+    if any(step < 0 for step in ladder):
+        raise ConfigError("MAIL_RETRY_LADDER", "steps must not be negative")
+
+    idempotency_ttl = duration("MAIL_IDEMPOTENCY_TTL")
+    retention_period = duration("MAIL_RETENTION_PERIOD")
+    retention_interval = duration("MAIL_RETENTION_INTERVAL")
+    log_format = default("MAIL_LOG_FORMAT").lower()
+    if log_format not in ("json", "console"):
+        raise ConfigError("MAIL_LOG_FORMAT", f"must be json or console, got {log_format!r}")
+    log_level = default("MAIL_LOG_LEVEL").lower()
+    if log_level == "warn":
+        log_level = "warning"
+    if log_level not in _LOG_LEVELS:
+        raise ConfigError("MAIL_LOG_LEVEL", f"must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+
+    return Settings(
+        redis_host=redis_host,
+        redis_port=redis_port,
+        redis_password=env.get("MAIL_REDIS_PASSWORD", ""),
+        redis_db=redis_db,
+        command_stream=stream,
+        consumer_group=group,
+        instance_id=instance_id,
+        redis_claim_idle=claim_idle,
+        postgres_dsn=dsn,
+        postgres_pool_size=pool_size,
+        template_dir=template_dir,
+        default_locale=default_locale,
+        smtp_mode=mode,
+        smtp_host=smtp_host,
+        smtp_port=smtp_port,
+        smtp_from=smtp_from,
+        smtp_username=username,
+        smtp_password=password,
+        smtp_tls=tls,
+        smtp_ca_file=ca_file,
+        smtp_timeout=smtp_timeout,
+        http_host=http_host,
+        http_port=http_port,
+        http_token=http_token,
+        shutdown_timeout=shutdown_timeout,
+        worker_concurrency=concurrency,
+        retry_ladder=ladder,
+        idempotency_ttl=idempotency_ttl,
+        retention_period=retention_period,
+        retention_interval=retention_interval,
+        log_format=log_format,
+        log_level=log_level,
+    )

@@ -1,0 +1,111 @@
+"""Quart-Trio application factory: auth, request spans and logs, JSON errors, routes."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from quart import Response, g, jsonify, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from mailtrio import log
+from mailtrio.config import Settings
+from mailtrio.http.errors import ApiError, error_body
+from mailtrio.store import Database
+from mailtrio.telemetry import tracer
+
+PREFIX = "/api/v1/internal"
+_log = log.get("mailtrio.http")
+
+_HTTP_CODES = {400: "invalid_argument", 401: "unauthorized", 404: "not_found", 405: "not_found",
+               409: "conflict"}
+
+
+def create_app(settings: Settings, db: Database) -> QuartTrio:
+    app = QuartTrio("mailtrio")
+    app.config["JSON_SORT_KEYS"] = False
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    app.extensions["mailtrio.db"] = db
+    app.extensions["mailtrio.settings"] = settings
+    token = settings.http_token.encode() if settings.http_token else None
+
+    @app.before_request
+    async def _start() -> Response | None:
+        g.started = time.perf_counter()
+        route = request.url_rule.rule if request.url_rule is not None else request.path
+        span = tracer.start_span(
+            f"{request.method} {route}",
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": request.method,
+                "url.path": request.path,
+                "http.route": route,
+            },
+        )
+        g.span = span
+        g.span_token = trace.use_span(span, end_on_exit=False)
+        g.span_token.__enter__()
+        if token is not None:
+            header = request.headers.get("Authorization", "")
+            supplied = header[7:].encode() if header.startswith("Bearer ") else b""
+            if not hmac.compare_digest(supplied, token):
+                return _json_error(ApiError("unauthorized", "missing or invalid bearer token"))
+        return None
+
+    @app.after_request
+    async def _finish(response: Response) -> Response:
+        span = g.get("span")
+        if span is not None:
+            span.set_attribute("http.response.status_code", response.status_code)
+            if response.status_code >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            duration_ms = round((time.perf_counter() - g.started) * 1000, 3)
+            _log.info(
+                "internal http request",
+                method=request.method,
+                path=request.path,
+                status=response.status_code,
+                duration_ms=duration_ms,
+            )
+            g.span_token.__exit__(None, None, None)
+            span.end()
+            g.span = None
+        return response
+
+    @app.errorhandler(ApiError)
+    async def _api_error(exc: ApiError) -> Response:
+        return _json_error(exc)
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        code = _HTTP_CODES.get(exc.code or 500, "internal" if (exc.code or 500) >= 500 else "invalid_argument")
+        resp = jsonify(error_body(code, exc.description or exc.name))
+        resp.status_code = exc.code or 500
+        return resp
+
+    @app.errorhandler(Exception)
+    async def _internal(exc: Exception) -> Response:
+        _log.error("internal http error", exc_info=exc, path=request.path)
+        span = g.get("span")
+        if span is not None:
+            span.record_exception(exc)
+        return _json_error(ApiError("internal", "internal error"))
+
+    from mailtrio.http.routes import register
+
+    register(app, PREFIX)
+    return app
+
+
+def _json_error(exc: ApiError) -> Response:
+    resp = jsonify(exc.body())
+    resp.status_code = exc.status
+    return resp
+
+
+def db_of(app: Any) -> Database:
+    return app.extensions["mailtrio.db"]  # type: ignore[no-any-return]

@@ -1,0 +1,1 @@
+"""Delivery providers: `smtp` (aiosmtplib) and `stub` (nothing leaves the process)."""

@@ -1,0 +1,164 @@
+"""The only package that imports psycopg.
+
+`Database` owns an asyncio `AsyncConnectionPool` living on the trio-asyncio loop. Store code is
+written as asyncio coroutines taking a connection; Trio callers run them with `Database.run`,
+which checks a connection out of the pool, runs the unit of work and returns its result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg_pool
+import trio
+from psycopg.rows import dict_row
+
+from mailtrio import bridge
+from mailtrio.store import migrations
+from mailtrio.store.queries import q
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
+
+# Errors worth retrying after a pause: the server restarted, a connection broke, a failover.
+TransientError: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.errors.AdminShutdown,
+    psycopg_pool.PoolTimeout,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+)
+IntegrityError = psycopg.IntegrityError
+
+
+class StartupError(Exception):
+    """A startup step failed; the message is one clear line for the operator."""
+
+
+class Database:
+    def __init__(self, dsn: str, pool_size: int, *, application_name: str = "mailtrio") -> None:
+        self.dsn = dsn
+        self.application_name = application_name
+        self.pool = psycopg_pool.AsyncConnectionPool(
+            dsn,
+            min_size=min(2, pool_size),
+            max_size=pool_size,
+            kwargs={"autocommit": True, "row_factory": dict_row, "application_name": application_name},
+            open=False,
+            timeout=10.0,
+            reconnect_timeout=3600.0,
+            name="mailtrio",
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def connect_direct(self, *, within: float = 5.0) -> Conn:
+        """One connection outside the pool (advisory locks, LISTEN). Caller closes it."""
+
+        async def _connect() -> Conn:
+            return await psycopg.AsyncConnection.connect(
+                self.dsn,
+                autocommit=True,
+                row_factory=dict_row,
+                connect_timeout=max(1, int(within)),
+                application_name=self.application_name,
+            )
+
+        with trio.fail_after(within + 1):
+            return await bridge.call(_connect)
+
+    async def open(self, *, within: float = 10.0) -> None:
+        """Check connectivity and the `mail` schema, then open the pool."""
+        try:
+            conn = await self.connect_direct(within=min(within, 5.0))
+        except (psycopg.Error, OSError, trio.TooSlowError) as exc:
+            raise StartupError(f"cannot connect to PostgreSQL: {_one_line(exc)}") from exc
+        try:
+
+            async def _schema() -> bool:
+                cur = await conn.execute(q("schema_exists"))
+                row = await cur.fetchone()
+                return bool(row and row["present"])
+
+            if not await bridge.call(_schema):
+                raise StartupError(
+                    "PostgreSQL schema 'mail' does not exist: it is provisioned externally for the "
+                    "service role (CREATE SCHEMA mail AUTHORIZATION mailservice)"
+                )
+        finally:
+            await bridge.call(conn.close)
+        try:
+            with trio.fail_after(within):
+                await bridge.call(self.pool.open, wait=True, timeout=within)
+        except (psycopg.Error, psycopg_pool.PoolTimeout, trio.TooSlowError) as exc:
+            raise StartupError(f"cannot open the PostgreSQL pool: {_one_line(exc)}") from exc
+
+    async def close(self, *, within: float = 5.0) -> None:
+        with trio.move_on_after(within) as scope:
+            scope.shield = True
+            await bridge.call(self.pool.close, timeout=within)
+
+    # -- units of work -------------------------------------------------------------------------
+    async def run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run the asyncio coroutine function `fn(conn)` on a pooled connection, from Trio."""
+
+        async def _unit() -> T:
+            async with self.pool.connection() as conn:
+                return await fn(conn)
+
+        return await bridge.call(_unit)
+
+    async def transaction(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Like `run`, inside one transaction (committed on success, rolled back on error)."""
+
+        async def _tx(conn: Conn) -> T:
+            async with conn.transaction():
+                return await fn(conn)
+
+        return await self.run(_tx)
+
+    # -- migrations ----------------------------------------------------------------------------
+    async def migrate(self, *, within: float = 60.0) -> list[int]:
+        """Apply pending embedded migrations under goose's advisory lock; return applied versions."""
+        pending = migrations.load()
+        conn = await self.connect_direct()
+        try:
+
+            async def _migrate() -> list[int]:
+                await conn.execute(q("advisory_lock"), {"lock_id": migrations.GOOSE_LOCK_ID})
+                try:
+                    await conn.execute(q("goose_table_create"))
+                    await conn.execute(q("goose_seed"))
+                    cur = await conn.execute(q("goose_applied"))
+                    applied = {row["version_id"] for row in await cur.fetchall()}
+                    done = []
+                    for mig in pending:
+                        if mig.version in applied:
+                            continue
+                        if mig.use_transaction:
+                            async with conn.transaction():
+                                await conn.execute(mig.up.encode())
+                                await conn.execute(q("goose_record"), {"version": mig.version})
+                        else:
+                            await conn.execute(mig.up.encode())
+                            await conn.execute(q("goose_record"), {"version": mig.version})
+                        done.append(mig.version)
+                    return done
+                finally:
+                    await conn.execute(q("advisory_unlock"), {"lock_id": migrations.GOOSE_LOCK_ID})
+
+            with trio.fail_after(within):
+                return await bridge.call(_migrate)
+        except psycopg.Error as exc:
+            raise StartupError(f"applying migrations failed: {_one_line(exc)}") from exc
+        except trio.TooSlowError as exc:
+            raise StartupError(f"applying migrations did not finish within {within:.0f}s") from exc
+        finally:
+            with trio.CancelScope(shield=True):
+                await bridge.call(conn.close)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())

@@ -1,0 +1,183 @@
+"""OpenTelemetry: tracer and meter providers and every instrument of CONTRACT §8.
+
+Tracing is always on so that log lines carry trace ids; exporters are configured from the
+standard OTEL_* variables and only decide where spans and metrics go. With no exporter
+configured (neither OTEL_TRACES_EXPORTER/OTEL_METRICS_EXPORTER nor an OTLP endpoint), nothing
+is exported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import metrics, trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
+
+from mailtrio import __version__
+
+tracer = trace.get_tracer("mailtrio", __version__)
+meter = metrics.get_meter("mailtrio", __version__)
+
+# Counters and histograms are created on the global (proxy) meter so modules can import them at
+# any time; they bind to the real provider once `setup()` installs it.
+dead_letters = meter.create_counter(
+    "mail.delivery.dead_letters", unit="{delivery}", description="Deliveries moved to dead_letter"
+)
+suppressed = meter.create_counter(
+    "mail.delivery.suppressed", unit="{delivery}", description="Deliveries ended suppressed"
+)
+malformed_commands = meter.create_counter(
+    "mail.stream_commands.malformed",
+    unit="{command}",
+    description="Stream commands rejected as malformed, by failure_code",
+)
+send_duration_ms = meter.create_histogram(
+    "mail.provider.send.duration_ms", unit="ms", description="Duration of one provider send"
+)
+attempt_outcomes = meter.create_counter(
+    "mail.attempt.outcomes", unit="{attempt}", description="Attempt outcomes, by status"
+)
+
+
+@dataclass
+class ScheduleSnapshot:
+    depth: int = 0
+    oldest_age_ms: float = 0.0
+
+
+# The schedule gauges read a snapshot that the operator surface refreshes (cheaply, cached);
+# the export thread never touches the database.
+schedule_snapshot = ScheduleSnapshot()
+
+
+def _depth_cb(_: CallbackOptions) -> Iterable[Observation]:
+    yield Observation(schedule_snapshot.depth)
+
+
+def _oldest_cb(_: CallbackOptions) -> Iterable[Observation]:
+    yield Observation(schedule_snapshot.oldest_age_ms)
+
+
+schedule_depth = meter.create_observable_gauge(
+    "mail.attempt_schedule.depth",
+    callbacks=[_depth_cb],
+    unit="{delivery}",
+    description="Deliveries waiting in queued or rendered",
+)
+schedule_oldest_age_ms = meter.create_observable_gauge(
+    "mail.attempt_schedule.oldest_age_ms",
+    callbacks=[_oldest_cb],
+    unit="ms",
+    description="Age of the oldest waiting delivery on the schedule",
+)
+
+
+@dataclass
+class Telemetry:
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+
+    def shutdown(self) -> None:
+        """Flush and stop both providers (bounded by the SDK's own export timeouts)."""
+        try:
+            self.tracer_provider.force_flush(timeout_millis=5000)
+        finally:
+            self.tracer_provider.shutdown()
+            self.meter_provider.shutdown(timeout_millis=5000)
+
+
+def _exporter_names(env: Mapping[str, str], kind: str) -> list[str]:
+    explicit = env.get(f"OTEL_{kind}_EXPORTER", "").strip()
+    if explicit:
+        return [n.strip() for n in explicit.split(",") if n.strip() and n.strip() != "none"]
+    endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get(f"OTEL_EXPORTER_OTLP_{kind}_ENDPOINT")
+    return ["otlp"] if endpoint else []
+
+
+def _otlp_protocol(env: Mapping[str, str], kind: str) -> str:
+    return (
+        env.get(f"OTEL_EXPORTER_OTLP_{kind}_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    ).strip()
+
+
+def _span_exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if name == "otlp":
+        if _otlp_protocol(env, "TRACES").startswith("http"):
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            return OTLPSpanExporter()
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+
+        return GrpcSpanExporter()
+    raise ValueError(f"unsupported OTEL_TRACES_EXPORTER {name!r} (otlp, console, none)")
+
+
+def _metric_reader(name: str, env: Mapping[str, str]) -> MetricReader:
+    if name == "console":
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+        return PeriodicExportingMetricReader(ConsoleMetricExporter())
+    if name == "otlp":
+        if _otlp_protocol(env, "METRICS").startswith("http"):
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+            return PeriodicExportingMetricReader(OTLPMetricExporter())
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter as GrpcMetricExporter,
+        )
+
+        return PeriodicExportingMetricReader(GrpcMetricExporter())
+    raise ValueError(f"unsupported OTEL_METRICS_EXPORTER {name!r} (otlp, console, none)")
+
+
+def check_env(env: Mapping[str, str] | None = None) -> None:
+    """Raise ValueError for an exporter name we cannot build (a configuration error)."""
+    env = os.environ if env is None else env
+    for name in _exporter_names(env, "TRACES"):
+        if name not in ("otlp", "console"):
+            raise ValueError(f"OTEL_TRACES_EXPORTER: unsupported exporter {name!r}")
+    for name in _exporter_names(env, "METRICS"):
+        if name not in ("otlp", "console"):
+            raise ValueError(f"OTEL_METRICS_EXPORTER: unsupported exporter {name!r}")
+
+
+def setup(
+    instance_id: str,
+    env: Mapping[str, str] | None = None,
+    extra_readers: Iterable[MetricReader] = (),
+    extra_span_processor: Callable[[TracerProvider], None] | None = None,
+) -> Telemetry:
+    """Install global tracer and meter providers. Call once per process."""
+    env = os.environ if env is None else env
+    attrs: dict[str, Any] = {"service.name": env.get("OTEL_SERVICE_NAME") or "mailtrio"}
+    attrs["service.version"] = __version__
+    attrs["service.instance.id"] = instance_id
+    resource = Resource.create(attrs)
+    tp = TracerProvider(resource=resource)
+    for name in _exporter_names(env, "TRACES"):
+        exporter = _span_exporter(name, env)
+        tp.add_span_processor(
+            SimpleSpanProcessor(exporter) if name == "console" else BatchSpanProcessor(exporter)
+        )
+    if extra_span_processor is not None:
+        extra_span_processor(tp)
+    readers = [_metric_reader(n, env) for n in _exporter_names(env, "METRICS")]
+    readers.extend(extra_readers)
+    mp = MeterProvider(resource=resource, metric_readers=readers)
+    trace.set_tracer_provider(tp)
+    metrics.set_meter_provider(mp)
+    return Telemetry(tp, mp)
