@@ -44,6 +44,8 @@ def parse_duration(text: str) -> float:
     if s[0] in "+-":
         sign = -1.0 if s[0] == "-" else 1.0
         s = s[1:]
+        if not s:
+            raise ValueError(f"invalid duration {text!r} (Go syntax, e.g. 250ms, 30s, 1m30s, 4h)")
     if s == "0":
         return 0.0
     pos = 0
@@ -89,6 +91,8 @@ def parse_hostport(text: str) -> tuple[str, int]:
             raise ValueError(f"invalid address {text!r}, expected host:port")
     if not host:
         raise ValueError(f"invalid address {text!r}: empty host")
+    if any(c.isspace() or c in "/[]" for c in host) or (":" in host and not t.startswith("[")):
+        raise ValueError(f"invalid address {text!r}, expected host:port (IPv6 as [addr]:port)")
     if not port_s.isdigit() or not 0 < int(port_s) < 65536:
         raise ValueError(f"invalid address {text!r}: port must be 1-65535")
     return host, int(port_s)
