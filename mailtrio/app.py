@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from mailtrio import bridge, log
+from mailtrio import bridge, log, telemetry
 from mailtrio.catalog import Catalog, CatalogError
 from mailtrio.config import Settings
 from mailtrio.intake import Consumer
@@ -113,6 +113,7 @@ async def _serve(
             await feeders.start(scheduler.run)
             await feeders.start(consumer.run)
             await feeders.start(retention.run)
+            await feeders.start(telemetry.ScheduleMonitor(db).run)
             async with trio.open_nursery() as http_nursery:
                 binds = await http_nursery.start(http_serve, http_app, settings, http_stop.wait)
                 _log.info("internal http listener started", binds=binds)
