@@ -1,0 +1,41 @@
+-- The SQL retention worker (CONTRACT §2: MAIL_RETENTION_PERIOD, MAIL_RETENTION_INTERVAL).
+-- Every batch is one transaction that first takes the retention advisory lock without waiting:
+-- when another instance holds it, this one skips its run.
+
+-- name: retention_try_lock
+SELECT pg_try_advisory_xact_lock(%(lock_id)s) AS locked;
+
+-- name: retention_delete_deliveries
+-- Terminal deliveries not updated for the retention period, oldest first, through
+-- deliveries_terminal_updated_at_idx; payloads, attempts and dead letters go by ON DELETE CASCADE.
+-- Rows locked by a concurrent operator verb are skipped and looked at again next run.
+DELETE FROM mail.deliveries
+WHERE delivery_id IN (
+    SELECT delivery_id FROM mail.deliveries
+    WHERE status IN ('sent', 'suppressed', 'failed', 'dead_letter', 'cancelled')
+      AND updated_at < now() - make_interval(secs => %(period_s)s)
+    ORDER BY updated_at
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: retention_delete_malformed
+DELETE FROM mail.malformed_commands
+WHERE id IN (
+    SELECT id FROM mail.malformed_commands
+    WHERE received_at < now() - make_interval(secs => %(period_s)s)
+    ORDER BY received_at
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+);
+
+-- name: retention_delete_reservations
+-- Idempotency reservations past their expiry (MAIL_IDEMPOTENCY_TTL was applied when reserving).
+DELETE FROM mail.idempotency_reservations
+WHERE (source, idempotency_key) IN (
+    SELECT source, idempotency_key FROM mail.idempotency_reservations
+    WHERE expires_at < now()
+    ORDER BY expires_at
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+);
