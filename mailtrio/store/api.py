@@ -1,20 +1,36 @@
-"""Reads and operator verbs for the internal HTTP API."""
+"""Reads and operator verbs for the internal HTTP API.
+
+Listings are keyset-paginated: each returns the items of one page and the key of its last item
+when more follow (`(created_at, delivery_id)` for deliveries and dead letters, `id` for malformed
+commands); the HTTP layer turns that key into an opaque cursor. Operator verbs are single
+conditional statements, so they race safely with the scheduler's claim.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 from mailtrio.store import Conn, Database
 from mailtrio.store.queries import q
+
+DeliveryKey = tuple[datetime, str]
+
+# The enumerations of the schema's CHECK constraints (CONTRACT §4, §5), in contract order.
+DELIVERY_STATUSES = ("queued", "rendered", "sending", "sent", "suppressed", "failed", "dead_letter", "cancelled")
+ATTEMPT_STATUSES = ("provider_accepted", "provider_rejected", "provider_deferred", "transport_failed",
+                    "timed_out", "suppressed", "interrupted")
+SOURCES = ("authsession", "notification")
+PAYLOAD_MODES = ("template", "rendered")
+FAILURE_CODES = ("invalid_json", "missing_field", "invalid_field", "invalid_locale", "invalid_recipient",
+                 "unknown_template", "unsafe_header", "payload_too_large", "idempotency_conflict")
 
 
 def rfc3339(value: datetime | None) -> str | None:
     """RFC 3339 UTC with millisecond precision (CONTRACT §7)."""
     if value is None:
         return None
-    from datetime import UTC
-
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -61,12 +77,253 @@ def delivery_json(row: dict[str, Any], attempts: list[dict[str, Any]]) -> dict[s
 
 
 async def get_delivery(db: Database, delivery_id: str) -> dict[str, Any] | None:
-    async def _get(conn: Conn) -> dict[str, Any] | None:
-        cur = await conn.execute(q("delivery_get"), {"delivery_id": delivery_id})
+    return await db.run(lambda conn: _get_delivery(conn, delivery_id))
+
+
+async def _get_delivery(conn: Conn, delivery_id: str) -> dict[str, Any] | None:
+    cur = await conn.execute(q("delivery_get"), {"delivery_id": delivery_id})
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    cur = await conn.execute(q("attempts_for_delivery"), {"delivery_id": delivery_id})
+    return delivery_json(row, await cur.fetchall())
+
+
+def _where(conditions: list[str]) -> str:
+    return " AND ".join(conditions) if conditions else "true"
+
+
+@dataclass(frozen=True)
+class DeliveryFilter:
+    status: str | None = None
+    source: str | None = None
+    recipient: str | None = None
+
+
+async def list_deliveries(
+    db: Database, flt: DeliveryFilter, *, after: DeliveryKey | None, limit: int
+) -> tuple[list[dict[str, Any]], DeliveryKey | None]:
+    """One page, newest first; the key of its last item when more follow."""
+    conditions: list[str] = []
+    params: dict[str, Any] = {"limit": limit + 1}
+    for name in ("status", "source", "recipient"):
+        value = getattr(flt, name)
+        if value is not None:
+            conditions.append(q(f"deliveries_filter_{name}"))
+            params[name] = value
+    if after is not None:
+        conditions.append(q("deliveries_filter_after"))
+        params["after_created_at"], params["after_delivery_id"] = after
+    sql = q("deliveries_list").replace("{filters}", _where(conditions))
+
+    async def _list(conn: Conn) -> tuple[list[dict[str, Any]], DeliveryKey | None]:
+        cur = await conn.execute(sql, params)
+        rows = await cur.fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        by_id: dict[str, list[dict[str, Any]]] = {row["delivery_id"]: [] for row in rows}
+        if rows:
+            cur = await conn.execute(q("attempts_for_deliveries"), {"delivery_ids": list(by_id)})
+            for attempt in await cur.fetchall():
+                by_id[attempt["delivery_id"]].append(attempt)
+        items = [delivery_json(row, by_id[row["delivery_id"]]) for row in rows]
+        last = (rows[-1]["created_at"], rows[-1]["delivery_id"]) if more else None
+        return items, last
+
+    return await db.run(_list)
+
+
+def _headers_json(value: Any) -> dict[str, str]:
+    """Stored headers as one object, whether kept as an object or as [name, value] pairs."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return {str(pair[0]): str(pair[1]) for pair in value if isinstance(pair, list | tuple) and len(pair) == 2}
+    return {}
+
+
+@dataclass(frozen=True)
+class Content:
+    """The stored rendered content of a delivery; `rendered` is False while there is none."""
+
+    status: str
+    rendered: bool
+    body: dict[str, Any]
+
+
+async def get_content(db: Database, delivery_id: str) -> Content | None:
+    async def _get(conn: Conn) -> Content | None:
+        cur = await conn.execute(q("delivery_content"), {"delivery_id": delivery_id})
         row = await cur.fetchone()
         if row is None:
             return None
-        cur = await conn.execute(q("attempts_for_delivery"), {"delivery_id": delivery_id})
-        return delivery_json(row, await cur.fetchall())
+        body = {
+            "delivery_id": row["delivery_id"],
+            "message_id": row["message_id"],
+            "subject": row["subject"],
+            "text": row["text_body"],
+            "html": row["html_body"],
+            "headers": _headers_json(row["headers"]),
+            "rendered_at": rfc3339(row["rendered_at"]),
+        }
+        return Content(status=row["status"], rendered=row["rendered_at"] is not None, body=body)
 
     return await db.run(_get)
+
+
+@dataclass(frozen=True)
+class VerbResult:
+    """What an operator verb did: `done` with the delivery after it, else why not."""
+
+    outcome: Literal["done", "not_found", "conflict"]
+    delivery: dict[str, Any] | None = None
+    status: str | None = None
+
+
+async def _refused(conn: Conn, delivery_id: str) -> VerbResult:
+    cur = await conn.execute(q("delivery_status"), {"delivery_id": delivery_id})
+    row = await cur.fetchone()
+    if row is None:
+        return VerbResult("not_found")
+    return VerbResult("conflict", status=row["status"])
+
+
+async def retry_delivery(db: Database, delivery_id: str) -> VerbResult:
+    """`failed` or `dead_letter` back on the schedule with a fresh ladder; wakes the schedulers."""
+
+    async def _retry(conn: Conn) -> VerbResult:
+        cur = await conn.execute(q("delivery_retry"), {"delivery_id": delivery_id})
+        if await cur.fetchone() is None:
+            return await _refused(conn, delivery_id)
+        await conn.execute(q("schedule_notify"))
+        return VerbResult("done", delivery=await _get_delivery(conn, delivery_id))
+
+    return await db.transaction(_retry)
+
+
+async def cancel_delivery(db: Database, delivery_id: str) -> VerbResult:
+    """`queued` or `rendered` to `cancelled`."""
+
+    async def _cancel(conn: Conn) -> VerbResult:
+        cur = await conn.execute(q("delivery_cancel"), {"delivery_id": delivery_id})
+        if await cur.fetchone() is None:
+            return await _refused(conn, delivery_id)
+        return VerbResult("done", delivery=await _get_delivery(conn, delivery_id))
+
+    return await db.transaction(_cancel)
+
+
+def dead_letter_json(row: dict[str, Any]) -> dict[str, Any]:
+    recipients = row["recipients"] or {}
+    return {
+        "delivery_id": row["delivery_id"],
+        "reason": row["reason"],
+        "created_at": rfc3339(row["created_at"]),
+        "source": row["source"],
+        "status": row["status"],
+        "template_id": row["template_id"],
+        "recipients": {
+            "to": recipients.get("to", []),
+            "cc": recipients.get("cc", []),
+            "bcc": recipients.get("bcc", []),
+        },
+        "attempt_count": row["attempt_count"],
+        "message_id": row["message_id"],
+        "last_attempt": (
+            {
+                "attempt_no": row["last_attempt_no"],
+                "status": row["last_attempt_status"],
+                "provider_summary": row["last_provider_summary"],
+                "finished_at": rfc3339(row["last_attempt_finished_at"]),
+            }
+            if row["last_attempt_no"] is not None
+            else None
+        ),
+    }
+
+
+async def list_dead_letters(
+    db: Database, *, after: DeliveryKey | None, limit: int
+) -> tuple[list[dict[str, Any]], DeliveryKey | None]:
+    conditions: list[str] = []
+    params: dict[str, Any] = {"limit": limit + 1}
+    if after is not None:
+        conditions.append(q("dead_letters_filter_after"))
+        params["after_created_at"], params["after_delivery_id"] = after
+    sql = q("dead_letters_list").replace("{filters}", _where(conditions))
+
+    async def _list(conn: Conn) -> tuple[list[dict[str, Any]], DeliveryKey | None]:
+        cur = await conn.execute(sql, params)
+        rows = await cur.fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        last = (rows[-1]["created_at"], rows[-1]["delivery_id"]) if more else None
+        return [dead_letter_json(row) for row in rows], last
+
+    return await db.run(_list)
+
+
+def malformed_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "failure_code": row["failure_code"],
+        "failure_detail": row["failure_detail"],
+        "stream_entry_id": row["stream_entry_id"],
+        "delivery_id": row["delivery_id"],
+        "source": row["source"],
+        "fields": row["fields"],
+        "received_at": rfc3339(row["received_at"]),
+    }
+
+
+async def list_malformed(
+    db: Database, *, failure_code: str | None, after: int | None, limit: int
+) -> tuple[list[dict[str, Any]], int | None]:
+    conditions: list[str] = []
+    params: dict[str, Any] = {"limit": limit + 1}
+    if failure_code is not None:
+        conditions.append(q("malformed_filter_code"))
+        params["failure_code"] = failure_code
+    if after is not None:
+        conditions.append(q("malformed_filter_after"))
+        params["after_id"] = after
+    sql = q("malformed_list").replace("{filters}", _where(conditions))
+
+    async def _list(conn: Conn) -> tuple[list[dict[str, Any]], int | None]:
+        cur = await conn.execute(sql, params)
+        rows = await cur.fetchall()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [malformed_json(row) for row in rows], (rows[-1]["id"] if more else None)
+
+    return await db.run(_list)
+
+
+async def schedule_summary(db: Database) -> dict[str, Any]:
+    """`{"depth", "oldest_age_ms", "by_status"}` from one statement (one snapshot)."""
+
+    async def _summary(conn: Conn) -> dict[str, Any]:
+        cur = await conn.execute(q("schedule_summary"))
+        row = await cur.fetchone()
+        assert row is not None
+        counts = row["by_status"] or {}
+        by_status = {status: int(counts.get(status, 0)) for status in DELIVERY_STATUSES}
+        return {
+            "depth": by_status["queued"] + by_status["rendered"],
+            "oldest_age_ms": int(row["oldest_age_ms"]),
+            "by_status": by_status,
+        }
+
+    return await db.run(_summary)
+
+
+async def schedule_gauges(db: Database) -> tuple[int, int]:
+    """(depth, oldest_age_ms) of the waiting slice, for the schedule gauges."""
+
+    async def _gauges(conn: Conn) -> tuple[int, int]:
+        cur = await conn.execute(q("schedule_gauges"))
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row["depth"]), int(row["oldest_age_ms"])
+
+    return await db.run(_gauges)

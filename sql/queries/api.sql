@@ -1,3 +1,5 @@
+-- Reads and operator verbs of the internal HTTP API (CONTRACT §7).
+
 -- name: delivery_get
 SELECT d.*, dl.reason AS dl_reason, dl.created_at AS dl_created_at
 FROM mail.deliveries d
@@ -7,3 +9,124 @@ WHERE d.delivery_id = %(delivery_id)s;
 -- name: attempts_for_delivery
 SELECT attempt_no, status, started_at, finished_at, duration_ms, provider_summary, instance_id
 FROM mail.attempts WHERE delivery_id = %(delivery_id)s ORDER BY attempt_no;
+
+-- name: attempts_for_deliveries
+-- One round trip for the attempts of a whole listing page.
+SELECT delivery_id, attempt_no, status, started_at, finished_at, duration_ms, provider_summary, instance_id
+FROM mail.attempts WHERE delivery_id = ANY(%(delivery_ids)s) ORDER BY delivery_id, attempt_no;
+
+-- name: deliveries_list
+-- Newest first by the keyset (created_at DESC, delivery_id DESC). The filter conditions below are
+-- ANDed into the WHERE clause; each one keeps an index usable: deliveries_created_at_idx,
+-- deliveries_status_created_at_idx (status =) or the GIN index on recipient_emails (@>).
+SELECT d.*, dl.reason AS dl_reason, dl.created_at AS dl_created_at
+FROM mail.deliveries d
+LEFT JOIN mail.dead_letters dl ON dl.delivery_id = d.delivery_id
+WHERE {filters}
+ORDER BY d.created_at DESC, d.delivery_id DESC
+LIMIT %(limit)s;
+
+-- name: deliveries_filter_status
+d.status = %(status)s;
+
+-- name: deliveries_filter_source
+d.source = %(source)s;
+
+-- name: deliveries_filter_recipient
+d.recipient_emails @> ARRAY[lower(%(recipient)s)]::text[];
+
+-- name: deliveries_filter_after
+(d.created_at, d.delivery_id) < (%(after_created_at)s, %(after_delivery_id)s);
+
+-- name: delivery_content
+SELECT d.delivery_id, d.status, d.message_id, p.subject, p.text_body, p.html_body, p.headers, p.rendered_at
+FROM mail.deliveries d
+LEFT JOIN mail.payloads p ON p.delivery_id = d.delivery_id
+WHERE d.delivery_id = %(delivery_id)s;
+
+-- name: delivery_status
+SELECT status FROM mail.deliveries WHERE delivery_id = %(delivery_id)s;
+
+-- name: delivery_retry
+-- Back on the schedule with a fresh ladder, in one conditional statement: only a failed or
+-- dead-lettered delivery matches, and its dead-letter entry goes in the same statement.
+WITH retried AS (
+    UPDATE mail.deliveries d
+    SET status = CASE WHEN EXISTS (SELECT 1 FROM mail.payloads p
+                                   WHERE p.delivery_id = d.delivery_id AND p.rendered_at IS NOT NULL)
+                      THEN 'rendered' ELSE 'queued' END,
+        status_reason = NULL,
+        ladder_step = 0,
+        next_attempt_at = now(),
+        schedule_entered_at = now(),
+        updated_at = now()
+    WHERE d.delivery_id = %(delivery_id)s AND d.status IN ('failed', 'dead_letter')
+    RETURNING d.delivery_id
+), dropped AS (
+    DELETE FROM mail.dead_letters dl USING retried r WHERE dl.delivery_id = r.delivery_id
+    RETURNING dl.delivery_id
+)
+SELECT r.delivery_id, (SELECT count(*) FROM dropped) AS dead_letters_deleted FROM retried r;
+
+-- name: schedule_notify
+SELECT pg_notify('mail_schedule', '');
+
+-- name: delivery_cancel
+-- One conditional UPDATE: a cancel racing the scheduler's claim (FOR UPDATE SKIP LOCKED) either
+-- wins (the claim skips or re-checks the row and finds it cancelled) or finds it `sending`.
+UPDATE mail.deliveries
+SET status = 'cancelled',
+    status_reason = 'cancelled by operator',
+    next_attempt_at = NULL,
+    updated_at = now()
+WHERE delivery_id = %(delivery_id)s AND status IN ('queued', 'rendered')
+RETURNING delivery_id;
+
+-- name: dead_letters_list
+-- Newest first by (created_at DESC, delivery_id DESC) on dead_letters_created_at_idx; each entry
+-- with its delivery's summary and its last attempt.
+SELECT dl.delivery_id, dl.reason, dl.created_at,
+       d.source, d.status, d.template_id, d.recipients, d.attempt_count, d.message_id,
+       a.attempt_no AS last_attempt_no, a.status AS last_attempt_status,
+       a.provider_summary AS last_provider_summary, a.finished_at AS last_attempt_finished_at
+FROM mail.dead_letters dl
+JOIN mail.deliveries d ON d.delivery_id = dl.delivery_id
+LEFT JOIN LATERAL (
+    SELECT attempt_no, status, provider_summary, finished_at FROM mail.attempts
+    WHERE delivery_id = dl.delivery_id ORDER BY attempt_no DESC LIMIT 1
+) a ON true
+WHERE {filters}
+ORDER BY dl.created_at DESC, dl.delivery_id DESC
+LIMIT %(limit)s;
+
+-- name: dead_letters_filter_after
+(dl.created_at, dl.delivery_id) < (%(after_created_at)s, %(after_delivery_id)s);
+
+-- name: malformed_list
+-- Newest first by id on the primary key, or on malformed_commands_code_idx with failure_code.
+SELECT id, failure_code, failure_detail, stream_entry_id, delivery_id, source, fields, received_at
+FROM mail.malformed_commands
+WHERE {filters}
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: malformed_filter_code
+failure_code = %(failure_code)s;
+
+-- name: malformed_filter_after
+id < %(after_id)s;
+
+-- name: schedule_summary
+-- One statement, one snapshot: counts by status and the age of the oldest waiting delivery.
+SELECT
+    (SELECT coalesce(jsonb_object_agg(status, n), '{}'::jsonb)
+     FROM (SELECT status, count(*) AS n FROM mail.deliveries GROUP BY status) s) AS by_status,
+    (SELECT coalesce(greatest(0, floor(extract(epoch FROM now() - min(schedule_entered_at)) * 1000)), 0)::bigint
+     FROM mail.deliveries WHERE status IN ('queued', 'rendered')) AS oldest_age_ms;
+
+-- name: schedule_gauges
+-- The schedule gauges' refresh: the waiting slice only, through the partial index of the schedule.
+SELECT count(*) AS depth,
+       coalesce(greatest(0, floor(extract(epoch FROM now() - min(schedule_entered_at)) * 1000)), 0)::bigint
+           AS oldest_age_ms
+FROM mail.deliveries WHERE status IN ('queued', 'rendered');
