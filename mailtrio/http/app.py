@@ -27,7 +27,7 @@ _HTTP_CODES = {400: "invalid_argument", 401: "unauthorized", 404: "not_found", 4
 
 def create_app(settings: Settings, db: Database) -> QuartTrio:
     app = QuartTrio("mailtrio")
-    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["mailtrio.db"] = db
     app.extensions["mailtrio.settings"] = settings
@@ -36,15 +36,15 @@ def create_app(settings: Settings, db: Database) -> QuartTrio:
     @app.before_request
     async def _start() -> Response | None:
         g.started = time.perf_counter()
-        route = request.url_rule.rule if request.url_rule is not None else request.path
+        route = request.url_rule.rule if request.url_rule is not None else None
+        attributes = {"http.request.method": request.method, "url.path": request.path}
+        if route is not None:
+            attributes["http.route"] = route
+        # Unmatched paths are named by method only: span names stay low-cardinality.
         span = tracer.start_span(
-            f"{request.method} {route}",
+            f"{request.method} {route}" if route else request.method,
             kind=SpanKind.SERVER,
-            attributes={
-                "http.request.method": request.method,
-                "url.path": request.path,
-                "http.route": route,
-            },
+            attributes=attributes,
         )
         g.span = span
         g.span_token = trace.use_span(span, end_on_exit=False)
@@ -71,10 +71,17 @@ def create_app(settings: Settings, db: Database) -> QuartTrio:
                 status=response.status_code,
                 duration_ms=duration_ms,
             )
-            g.span_token.__exit__(None, None, None)
-            span.end()
-            g.span = None
+            _end_span()
         return response
+
+    @app.teardown_request
+    async def _teardown(exc: BaseException | None) -> None:
+        # after_request does not run when the request is abandoned (client gone, cancelled):
+        # the span still ends, marked as an error.
+        span = g.get("span")
+        if span is not None:
+            span.set_status(Status(StatusCode.ERROR, "request did not complete"))
+            _end_span()
 
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
@@ -83,8 +90,17 @@ def create_app(settings: Settings, db: Database) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
         code = _HTTP_CODES.get(exc.code or 500, "internal" if (exc.code or 500) >= 500 else "invalid_argument")
-        resp = jsonify(error_body(code, exc.description or exc.name))
+        if exc.code == 404:
+            message = f"no route {request.method} {request.path}"
+        elif exc.code == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        else:
+            message = exc.description or exc.name
+        resp = jsonify(error_body(code, message))
         resp.status_code = exc.code or 500
+        allow = getattr(exc, "valid_methods", None)  # 405: the methods the route has
+        if allow:
+            resp.headers["Allow"] = ", ".join(sorted(allow))
         return resp
 
     @app.errorhandler(Exception)
@@ -99,6 +115,13 @@ def create_app(settings: Settings, db: Database) -> QuartTrio:
 
     register(app, PREFIX)
     return app
+
+
+def _end_span() -> None:
+    span = g.span
+    g.span = None
+    g.span_token.__exit__(None, None, None)
+    span.end()
 
 
 def _json_error(exc: ApiError) -> Response:
