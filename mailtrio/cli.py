@@ -68,11 +68,13 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     import trio
 
     from mailtrio import bridge
+    from mailtrio.config import ConfigError, postgres_dsn
     from mailtrio.store import Database, StartupError
 
-    dsn = os.environ.get("MAIL_POSTGRES_PRIMARY_DSN", "").strip()
-    if not dsn:
-        return _fail(EXIT_CONFIG, "configuration error: MAIL_POSTGRES_PRIMARY_DSN: is required")
+    try:
+        dsn = postgres_dsn(os.environ)
+    except ConfigError as exc:
+        return _fail(EXIT_CONFIG, f"configuration error: {exc}")
 
     async def _migrate() -> list[int]:
         async with bridge.open_loop():

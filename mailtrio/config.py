@@ -177,6 +177,20 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
     "MAIL_LOG_LEVEL": (False, "info", "debug, info, warning, error"),
 }
 
+def postgres_dsn(env: Mapping[str, str]) -> str:
+    """MAIL_POSTGRES_PRIMARY_DSN, checked without connecting (the message never echoes it)."""
+    dsn = env.get("MAIL_POSTGRES_PRIMARY_DSN", "").strip()
+    if not dsn:
+        raise ConfigError("MAIL_POSTGRES_PRIMARY_DSN", "is required")
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        conninfo_to_dict(dsn)
+    except Exception:
+        raise ConfigError("MAIL_POSTGRES_PRIMARY_DSN", "is not a valid libpq URI or key=value DSN") from None
+    return dsn
+
+
 _LOCALE_RE = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?$")
 _STREAM_NAME_RE = re.compile(r"^[^\s]{1,256}$")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -234,13 +248,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         raise ConfigError("MAIL_INSTANCE_ID", "must be 1-200 chars of [A-Za-z0-9._:@-]")
     claim_idle = duration("MAIL_REDIS_CLAIM_IDLE")
 
-    dsn = required("MAIL_POSTGRES_PRIMARY_DSN")
-    try:
-        from psycopg.conninfo import conninfo_to_dict
-
-        conninfo_to_dict(dsn)
-    except Exception:
-        raise ConfigError("MAIL_POSTGRES_PRIMARY_DSN", "is not a valid libpq URI or key=value DSN") from None
+    dsn = postgres_dsn(env)
     pool_size = integer("MAIL_POSTGRES_POOL_SIZE", 2, 1000)
 
     template_dir = Path(required("MAIL_TEMPLATE_DIR"))
