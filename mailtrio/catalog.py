@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.meta
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 SUBJECT = "subject.txt.j2"
@@ -83,6 +83,25 @@ def _describe(exc: BaseException, root: Path, fallback: str) -> str:
     return f"{fallback}:1: {exc}"
 
 
+def _check_references(env: jinja2.Environment, path: Path, problems: list[str]) -> bool:
+    """Load every template that `path` includes, extends or imports by a constant name; a missing
+    one is reported at the line that names it. Returns False if a problem was added."""
+    ok = True
+    tree = env.parse(path.read_text(encoding="utf-8"))
+    for node in tree.find_all((nodes.Include, nodes.Extends, nodes.Import, nodes.FromImport)):
+        target = getattr(node, "template", None)
+        if not isinstance(target, nodes.Const) or not isinstance(target.value, str):
+            continue
+        try:
+            env.get_template(target.value)
+        except jinja2.TemplateNotFound:
+            if isinstance(node, nodes.Include) and node.ignore_missing:
+                continue
+            problems.append(f"{path}:{node.lineno}: included template not found: {target.value}")
+            ok = False
+    return ok
+
+
 @dataclass
 class Catalog:
     root: Path
@@ -116,6 +135,9 @@ class Catalog:
                     rel = path.relative_to(root).as_posix()
                     try:
                         env.get_template(rel)
+                        _check_references(env, path, problems)
+                    except UnicodeDecodeError as exc:
+                        problems.append(f"{path}:1: not valid UTF-8 ({exc.reason})")
                     except Exception as exc:
                         problems.append(_describe(exc, root, str(path)))
         for tdir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != PARTIALS):
@@ -162,10 +184,8 @@ class Catalog:
             try:
                 loaded[name] = env.get_template(rel)
                 # Parse everything it includes/extends/imports now, not at first render.
-                source = path.read_text(encoding="utf-8")
-                for ref in jinja2.meta.find_referenced_templates(env.parse(source)):
-                    if ref is not None:
-                        env.get_template(ref)
+                if not _check_references(env, path, problems):
+                    ok = False
             except UnicodeDecodeError as exc:
                 problems.append(f"{path}:1: not valid UTF-8 ({exc.reason})")
                 ok = False
