@@ -1,0 +1,448 @@
+"""mailtrio benchmark: intake, end to end against smtp-sink (with smtp-source beside it), latency
+under offered load, authsession fairness behind a notification backlog, and peak RSS.
+
+Each scenario runs one `mailtrio serve` process on a fresh database (schema `mail`, migrated by
+the service) and a fresh stream key, and sends SMTP (MAIL_SMTP_TLS=none) to one Postfix
+`smtp-sink` on a free loopback port. It prints one table and writes a JSON file.
+
+    scripts/bench [--quick] [--json FILE] [--scenarios intake,e2e,latency,fairness]
+                  [--workers 16] [--profile DIR]
+
+Time sources: XADD time is the millisecond part of the stream entry id (Redis's clock); the 250
+time is the attempt's `finished_at` (the service's clock, taken when the server's reply to the
+end of DATA arrived). Both clocks are this machine's. Rates are measured from the service's
+`command consumer started` log line to the moment the outcome is observed in PostgreSQL
+(polled every 50-200 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchlib import commands, harness
+from benchlib.harness import HarnessError, Procs, Serve
+
+TARGETS = {
+    "intake.commands_per_s": ">= 10000",
+    "e2e.deliveries_per_s": ">= 1500",
+    "latency.500.p99_ms": "< 100",
+    "latency.200.p50_ms": "< 20",
+    "latency.200.p99_ms": "< 100",
+    "fairness.auth_p99_ms": "< 1000",
+    "rss_mb": "< 250",
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    intake: int
+    e2e: int
+    loads: tuple[int, ...]
+    load_seconds: float
+    backlog: int
+    auth_count: int
+    auth_rate: float
+
+
+FULL = Sizes(intake=100_000, e2e=50_000, loads=(100, 200, 500, 1000), load_seconds=15.0,
+             backlog=100_000, auth_count=200, auth_rate=20.0)
+QUICK = Sizes(intake=3_000, e2e=1_500, loads=(100, 500, 1000), load_seconds=1.0,
+              backlog=3_000, auth_count=20, auth_rate=40.0)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, sizes: Sizes) -> None:
+        self.args = args
+        self.sizes = sizes
+        self.procs = Procs()
+        self.workdir = harness.make_workdir("mailtrio-bench-")
+        self.redis_addr: str = args.redis_addr
+        self.redis = harness.redis_client(self.redis_addr)
+        self.sink: harness.SmtpSink | None = None
+        self.run_id = uuid.uuid4().hex[:8]
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def env(self, dsn: str, key: str, name: str, **extra: str) -> dict[str, str]:
+        assert self.sink is not None
+        env = harness.serve_env(
+            MAIL_REDIS_MASTER_ADDR=self.redis_addr,
+            MAIL_REDIS_COMMAND_STREAM=key,
+            MAIL_REDIS_CONSUMER_GROUP="mailservice",
+            MAIL_POSTGRES_PRIMARY_DSN=dsn,
+            MAIL_SMTP_MODE="smtp",
+            MAIL_SMTP_ADDR=self.sink.addr,
+            MAIL_SMTP_TLS="none",
+            MAIL_SMTP_FROM="Bench <bench@example.com>",
+            MAIL_SMTP_TIMEOUT="10s",
+            MAIL_INTERNAL_HTTP_ADDR=f"127.0.0.1:{harness.free_port()}",
+            MAIL_ATTEMPT_WORKER_CONCURRENCY=str(self.args.workers),
+            MAIL_INSTANCE_ID=f"bench-{name}-{self.run_id}",
+            MAIL_SHUTDOWN_TIMEOUT="20s",
+            MAIL_LOG_LEVEL="info",
+        )
+        env.update(extra)
+        return env
+
+    @contextlib.contextmanager
+    def scenario(self, name: str, **extra_env: str) -> Iterator[tuple[str, str, Serve]]:
+        """A fresh database and stream key and a (not yet started) serve process for them."""
+        key = f"mt:bench:{self.run_id}:{name}"
+        self.redis.delete(key)
+        with harness.fresh_database(self.args.admin_dsn) as dsn:
+            serve = Serve(self.procs, self.env(dsn, key, name, **extra_env), self.workdir, name=f"serve-{name}")
+            try:
+                yield dsn, key, serve
+            finally:
+                with contextlib.suppress(Exception):
+                    serve.stop()
+                self.redis.delete(key)
+
+    def start(self, serve: Serve, name: str) -> subprocess.Popen[bytes] | None:
+        serve.start(ready_timeout=60)
+        if not self.args.profile:
+            return None
+        out = Path(self.args.profile) / f"{name}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        spy = shutil_which("py-spy")
+        if spy is None:
+            print("py-spy not found; profiling skipped", file=sys.stderr)
+            return None
+        return subprocess.Popen([spy, "record", "--pid", str(serve.pid), "--rate", "100", "--nonblocking",
+                                 "--format", "raw", "-o", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finish(self, serve: Serve, spy: subprocess.Popen[bytes] | None) -> dict[str, Any]:
+        rss = serve.peak_rss_mb()
+        code = serve.stop()
+        if spy is not None:
+            try:
+                spy.wait(20)
+            except subprocess.TimeoutExpired:
+                spy.send_signal(signal.SIGINT)
+                try:
+                    spy.wait(20)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    spy.wait(5)
+        return {"peak_rss_mb": None if rss is None else round(rss, 1), "exit_code": code}
+
+    def t0(self, serve: Serve) -> float:
+        started = serve.event_time("command consumer started")
+        return started if started is not None else serve.started_at
+
+    def wait_ingested(self, key: str, timeout: float) -> float:
+        """Wait until the group has read and acknowledged every entry; returns that moment."""
+
+        def done() -> bool:
+            state = harness.group_state(self.redis, key, "mailservice")
+            return state is not None and state[0] == 0 and state[1] == 0
+
+        harness.wait_until(done, timeout, "every stream entry to be acknowledged", interval=0.05)
+        return time.time()
+
+    # --- scenarios ---------------------------------------------------------------------------
+
+    def intake(self) -> dict[str, Any]:
+        n = self.sizes.intake
+        mix = commands.mix(f"in{self.run_id}", n, dup_ratio=0.05, malformed_ratio=0.02, seed=3)
+        # Every accepted command is due in an hour, so the engine stays idle and intake is measured alone.
+        later = datetime.fromtimestamp(time.time() + 3600, UTC).isoformat(timespec="seconds")
+        for entry in mix.entries:
+            if entry.get("delivery_id") in mix.expected_ids:
+                entry["send_at"] = later
+        with self.scenario("intake", MAIL_SMTP_MODE="stub") as (dsn, key, serve):
+            harness.preload(self.redis, key, mix.entries)
+            spy = self.start(serve, "intake")
+            end = self.wait_ingested(key, timeout=max(60.0, n / 500))
+            t0 = self.t0(serve)
+            deliveries = harness.query_one(dsn, "SELECT count(*) FROM mail.deliveries")
+            malformed = harness.query_one(dsn, "SELECT count(*) FROM mail.malformed_commands")
+            foot = self.finish(serve, spy)
+        elapsed = end - t0
+        return {
+            "commands": n, "expected_deliveries": len(mix.expected_ids), "duplicates_sent": mix.repeats,
+            "expected_malformed": len(mix.malformed_ids),
+            "deliveries": deliveries, "malformed": malformed,
+            "outcomes_match": deliveries == len(mix.expected_ids) and malformed == len(mix.malformed_ids),
+            "seconds": round(elapsed, 3), "commands_per_s": round(n / elapsed, 1), **foot,
+        }
+
+    def e2e(self) -> dict[str, Any]:
+        assert self.sink is not None
+        n = self.sizes.e2e
+        entries = [commands.command(f"e2{self.run_id}", i) for i in range(n)]
+        with self.scenario("e2e") as (dsn, key, serve):
+            harness.preload(self.redis, key, entries)
+            sink_before = self.sink.messages()
+            spy = self.start(serve, "e2e")
+            intake_done: float | None = None
+            deadline = time.monotonic() + max(90.0, n / 50)
+            sent = terminal = 0
+            while time.monotonic() < deadline:
+                if intake_done is None:
+                    state = harness.group_state(self.redis, key, "mailservice")
+                    if state is not None and state == (0, 0):
+                        intake_done = time.time()
+                if harness.table_exists(dsn, "deliveries"):
+                    row = harness.query_all(
+                        dsn, "SELECT count(*) FILTER (WHERE status = 'sent'), "
+                        "count(*) FILTER (WHERE status IN ('sent','failed','suppressed','dead_letter','cancelled')) "
+                        "FROM mail.deliveries")[0]
+                    sent, terminal = int(row[0]), int(row[1])
+                    if terminal >= n:
+                        break
+                time.sleep(0.1)
+            end = time.time()
+            t0 = self.t0(serve)
+            if terminal < n:
+                raise HarnessError(f"only {terminal} of {n} deliveries reached a final status ({sent} sent)")
+            accepted_attempts = harness.query_one(
+                dsn, "SELECT count(*) FROM mail.attempts WHERE status = 'provider_accepted'")
+            avg_size = harness.query_one(
+                dsn, "SELECT avg(octet_length(coalesce(text_body, '')) + octet_length(coalesce(html_body, '')))"
+                " FROM mail.payloads")
+            time.sleep(0.3)  # the sink updates its counter when "." is received; let it settle
+            sink_count = self.sink.messages() - sink_before
+            foot = self.finish(serve, spy)
+        rate = n / (end - t0)
+        # The same number of messages through the same sink with as many connections as workers.
+        size = int(float(avg_size or 1000)) + 700  # body + typical header block
+        source_rate = harness.smtp_source(self.sink.addr, sessions=self.args.workers, messages=n,
+                                          size=size, timeout=max(120.0, n / 100))
+        return {
+            "deliveries": n, "sent": sent, "attempts_accepted": accepted_attempts, "sink_accepted": sink_count,
+            "seconds": round(end - t0, 3), "deliveries_per_s": round(rate, 1),
+            "intake_seconds": None if intake_done is None else round(intake_done - t0, 3),
+            "smtp_source_msgs_per_s": round(source_rate, 1), "smtp_source_message_bytes": size,
+            "smtp_source_sessions": self.args.workers,
+            "ratio_to_smtp_source": round(rate / source_rate, 4), **foot,
+        }
+
+    def _paced(self, key: str, make: Callable[[int], dict[str, str]], count: int,
+               rate: float) -> dict[str, int]:
+        """XADD `count` entries, one at a time, at `rate` per second; returns delivery id -> entry ms."""
+        sent: dict[str, int] = {}
+        start = time.perf_counter()
+        for i in range(count):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            entry = make(i)
+            entry_id = self.redis.xadd(key, entry)  # type: ignore[arg-type]
+            sent[entry["delivery_id"]] = harness.entry_ms(entry_id.decode() if isinstance(entry_id, bytes)
+                                                          else str(entry_id))
+        return sent
+
+    def _latencies(self, dsn: str, sent: dict[str, int], timeout: float) -> tuple[list[float], int]:
+        """Wait until these deliveries are final; return XADD->250 latencies (ms) and how many are missing."""
+        ids = list(sent)
+
+        def final() -> bool:
+            left = harness.query_one(
+                dsn, "SELECT count(*) FROM mail.deliveries WHERE delivery_id = ANY(%s) "
+                "AND status IN ('sent','failed','suppressed','dead_letter','cancelled')", (ids,))
+            return int(left) >= len(ids)
+
+        with contextlib.suppress(HarnessError):
+            harness.wait_until(final, timeout, "offered deliveries to finish", interval=0.2)
+        rows = harness.query_all(
+            dsn, "SELECT delivery_id, (extract(epoch FROM finished_at) * 1000)::float8 FROM mail.attempts "
+            "WHERE status = 'provider_accepted' AND delivery_id = ANY(%s)", (ids,))
+        lat = [float(ms) - sent[d] for d, ms in rows]
+        return lat, len(ids) - len(rows)
+
+    @staticmethod
+    def _summary(lat: list[float]) -> dict[str, float | None]:
+        def r(v: float | None) -> float | None:
+            return None if v is None else round(v, 1)
+
+        return {"p50_ms": r(harness.percentile(lat, 50)), "p95_ms": r(harness.percentile(lat, 95)),
+                "p99_ms": r(harness.percentile(lat, 99)), "max_ms": r(max(lat) if lat else None)}
+
+    def latency(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"time_source": "XADD = stream entry id ms; 250 = attempts.finished_at"}
+        with self.scenario("latency") as (dsn, key, serve):
+            spy = self.start(serve, "latency")
+            time.sleep(0.5)  # let the consumer block on the stream
+            for load in self.sizes.loads:
+                count = max(1, int(load * self.sizes.load_seconds))
+                run = f"lt{self.run_id}x{load}"
+                t_start = time.perf_counter()
+                sent = self._paced(key, lambda i, run=run: commands.command(run, i), count, load)
+                offered = count / (time.perf_counter() - t_start)
+                lat, missing = self._latencies(dsn, sent, timeout=max(30.0, count / 50))
+                out[str(load)] = {"deliveries": count, "offered_per_s": round(offered, 1), "measured": len(lat),
+                                  "missing": missing, **self._summary(lat)}
+            out.update(self.finish(serve, spy))
+        return out
+
+    def fairness(self) -> dict[str, Any]:
+        b = self.sizes.backlog
+        backlog = [commands.command(f"fb{self.run_id}", i) for i in range(b)]
+        with self.scenario("fairness") as (dsn, key, serve):
+            harness.preload(self.redis, key, backlog)
+            spy = self.start(serve, "fairness")
+            self.wait_ingested(key, timeout=max(60.0, b / 500))
+
+            def waiting() -> int:
+                return int(harness.query_one(
+                    dsn, "SELECT count(*) FROM mail.deliveries WHERE status IN ('queued','rendered','sending') "
+                    "AND source = 'notification'"))
+
+            depth_start = waiting()
+            run = f"fa{self.run_id}"
+            sent = self._paced(key, lambda i: commands.command(run, i, source="authsession"),
+                               self.sizes.auth_count, self.sizes.auth_rate)
+            depth_end = waiting()
+            lat, missing = self._latencies(dsn, sent, timeout=60.0)
+            foot = self.finish(serve, spy)
+        s = self._summary(lat)
+        return {"backlog": b, "notification_waiting_at_start": depth_start,
+                "notification_waiting_at_end": depth_end, "backlog_held": depth_end > 0,
+                "auth_deliveries": self.sizes.auth_count, "auth_rate_per_s": self.sizes.auth_rate,
+                "measured": len(lat), "missing": missing,
+                "auth_p50_ms": s["p50_ms"], "auth_p95_ms": s["p95_ms"], "auth_p99_ms": s["p99_ms"],
+                "auth_max_ms": s["max_ms"], **foot}
+
+    # --- driver ------------------------------------------------------------------------------
+
+    def run(self, names: list[str]) -> dict[str, Any]:
+        self.sink = harness.SmtpSink(self.procs, self.workdir)
+        results: dict[str, Any] = {}
+        for name in names:
+            print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+            started = time.monotonic()
+            try:
+                results[name] = getattr(self, name)()
+            except HarnessError as exc:
+                results[name] = {"error": str(exc)}
+            results[name]["wall_seconds"] = round(time.monotonic() - started, 1)
+        return results
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.stop()
+        self.procs.stop_all()
+        self.redis.close()
+
+
+def shutil_which(name: str) -> str | None:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def table(results: dict[str, Any]) -> str:
+    rows: list[tuple[str, str, str, str]] = []
+
+    def add(scn: str, figure: str, value: Any, target: str = "") -> None:
+        if isinstance(value, float):
+            text = f"{value:,.1f}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = f"{value:,}"
+        else:
+            text = str(value)
+        rows.append((scn, figure, text, target))
+
+    for scn, res in results.items():
+        if "error" in res:
+            add(scn, "error", res["error"])
+            continue
+        if scn == "intake":
+            add(scn, "commands/s", res["commands_per_s"], TARGETS["intake.commands_per_s"])
+            add(scn, "commands (5% dup, 2% malformed)", res["commands"])
+            add(scn, "outcomes match", res["outcomes_match"])
+        elif scn == "e2e":
+            add(scn, "deliveries/s (XADD backlog -> 250)", res["deliveries_per_s"], TARGETS["e2e.deliveries_per_s"])
+            add(scn, "smtp-source msgs/s (same sink)", res["smtp_source_msgs_per_s"])
+            add(scn, f"ratio mailtrio/smtp-source ({res['smtp_source_sessions']} conns)",
+                res["ratio_to_smtp_source"])
+            add(scn, "sent / sink accepted", f"{res['sent']} / {res['sink_accepted']}")
+        elif scn == "latency":
+            for load, lr in res.items():
+                if not isinstance(lr, dict):
+                    continue
+                tgt = "p99 " + TARGETS["latency.500.p99_ms"] if load == "500" else ""
+                if load == "200":
+                    tgt = "p50 < 20, p99 < 100"
+                add(scn, f"{load}/s p50/p95/p99 ms",
+                    f"{lr['p50_ms']} / {lr['p95_ms']} / {lr['p99_ms']} (missing {lr['missing']})", tgt)
+        elif scn == "fairness":
+            add(scn, "authsession p99 ms behind backlog", res["auth_p99_ms"], TARGETS["fairness.auth_p99_ms"])
+            add(scn, "notification waiting start/end",
+                f"{res['notification_waiting_at_start']} / {res['notification_waiting_at_end']}")
+        if "peak_rss_mb" in res:
+            add(scn, "peak RSS MiB", res["peak_rss_mb"], TARGETS["rss_mb"])
+    widths = [max(len(r[i]) for r in [("scenario", "figure", "value", "target"), *rows]) for i in range(4)]
+    lines = []
+    for r in [("scenario", "figure", "value", "target"), *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CI sizes (well under a minute)")
+    p.add_argument("--json", help="where to write the JSON result (default: a file in the temp dir)")
+    p.add_argument("--scenarios", default="intake,e2e,latency,fairness")
+    p.add_argument("--workers", type=int, default=16, help="MAIL_ATTEMPT_WORKER_CONCURRENCY and smtp-source -s")
+    p.add_argument("--profile", help="directory for py-spy raw profiles, one per scenario")
+    p.add_argument("--admin-dsn", default=harness.ADMIN_DSN, help="PostgreSQL server for the fresh databases")
+    p.add_argument("--redis-addr", default=os.environ.get("MAILTRIO_BENCH_REDIS_ADDR", "127.0.0.1:6379"))
+    p.add_argument("--keep-logs", action="store_true", help="keep the work directory with the service logs")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    harness.install_signal_exit()
+    names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = set(names) - {"intake", "e2e", "latency", "fairness"}
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    sizes = QUICK if args.quick else FULL
+    bench = Bench(args, sizes)
+    started = time.time()
+    try:
+        results = bench.run(names)
+    finally:
+        bench.close()
+    doc = {
+        "meta": {"quick": args.quick, "workers": args.workers, "started_at": started,
+                 "seconds": round(time.time() - started, 1), "cpus": os.cpu_count(), "sizes": sizes.__dict__,
+                 "targets": TARGETS},
+        "scenarios": results,
+    }
+    path = Path(args.json) if args.json else Path(tempfile.gettempdir()) / f"mailtrio-bench-{int(started)}.json"
+    path.write_text(json.dumps(doc, indent=2))
+    if args.keep_logs:
+        print(f"logs: {bench.workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+    print(table(results))
+    print(f"\nJSON: {path}")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,468 @@
+"""mailtrio fault drill: prove that nothing is lost and nothing is duplicated without cause.
+
+Three `mailtrio serve` instances share one stream and one database. A producer XADDs the command
+mix (10% repeated idempotency keys, 2% malformed, 10% scheduled a few seconds ahead) at a steady
+rate while the drill SIGKILLs a random instance every few seconds and starts it again, restarts
+Redis once (SIGKILL, AOF replay) and PostgreSQL once (immediate shutdown, WAL replay), then
+SIGTERMs every instance, starts them once more and waits until everything has drained.
+
+The drill runs its own `redis-server` (AOF on, `appendfsync always`: see harness.PrivateRedis)
+and its own PostgreSQL cluster (`initdb` into a temporary directory) on free loopback ports, and
+its own SMTP server (faultsmtp.py: 451 for 10% of first attempts, the connection dropped after
+DATA on 1% of transactions, every accepted message recorded with its Message-ID and delivery id).
+
+    scripts/drill [--small] [--json FILE] [--keep]
+
+Exit status 0 when lost = 0, unexplained duplicates = 0, pending = 0, every malformed command
+is recorded with the expected code and nothing unexpected reached the SMTP server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import redis
+
+from benchlib import commands, harness
+from benchlib.harness import HarnessError, Procs, Serve
+
+STREAM = "mail:delivery_commands"
+GROUP = "mailservice"
+TERMINAL = ("sent", "suppressed", "failed", "dead_letter", "cancelled")
+WAITING = ("queued", "rendered", "sending")
+
+
+@dataclass(frozen=True)
+class Plan:
+    commands: int
+    rate: float
+    kill_every: tuple[float, float]
+    redis_restart_at: float
+    pg_restart_at: float
+    chaos_until: float  # seconds after the producer started; kills stop then
+    workers: int
+    smtp_timeout: str
+    lease_s: float  # MAIL_SMTP_TIMEOUT + 15 s (CONTRACT §2)
+    ladder: str
+
+
+FULL = Plan(commands=20_000, rate=800.0, kill_every=(3.0, 6.0), redis_restart_at=8.0, pg_restart_at=16.0,
+            chaos_until=26.0, workers=8, smtp_timeout="3s", lease_s=18.0, ladder="500ms,1s,2s,3s,4s,5s")
+SMALL = Plan(commands=600, rate=150.0, kill_every=(1.5, 2.5), redis_restart_at=1.2, pg_restart_at=2.6,
+             chaos_until=4.0, workers=4, smtp_timeout="3s", lease_s=18.0, ladder="200ms,500ms,1s,2s,3s")
+
+
+class Producer(threading.Thread):
+    """XADDs the entries at a steady rate; retries through Redis outages (bounded per entry)."""
+
+    def __init__(self, addr: str, entries: list[dict[str, str]], rate: float, per_entry_budget: float = 60.0):
+        super().__init__(name="producer", daemon=True)
+        self.addr = addr
+        self.entries = entries
+        self.rate = rate
+        self.budget = per_entry_budget
+        self.xadd_calls = 0
+        self.errors = 0
+        self.failed: list[int] = []
+        self.started_at = 0.0
+        self.finished_at = 0.0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        client = redis.Redis.from_url(f"redis://{self.addr}", socket_timeout=5, socket_connect_timeout=2)
+        self.started_at = time.time()
+        start = time.perf_counter()
+        try:
+            for k, entry in enumerate(self.entries):
+                delay = start + k / self.rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                deadline = time.monotonic() + self.budget
+                while True:
+                    self.xadd_calls += 1
+                    try:
+                        client.xadd(STREAM, entry)  # type: ignore[arg-type]
+                        break
+                    except redis.RedisError:
+                        # The reply may have been lost after the write: sending it again makes an
+                        # exact repeat, which the service must treat as a duplicate.
+                        self.errors += 1
+                        if time.monotonic() > deadline:
+                            self.failed.append(k)
+                            break
+                        time.sleep(0.1)
+        except Exception as exc:  # report, never hang the drill
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.finished_at = time.time()
+            client.close()
+
+
+class Drill:
+    def __init__(self, args: argparse.Namespace, plan: Plan) -> None:
+        self.args = args
+        self.plan = plan
+        self.procs = Procs()
+        self.workdir = harness.make_workdir("mailtrio-drill-")
+        self.events: list[dict[str, Any]] = []
+        self.t0 = time.time()
+        self.rnd = random.Random(args.seed)
+        self.instances: dict[str, Serve] = {}
+        self.generation: dict[str, int] = {}
+        self.unexpected_exits: list[dict[str, Any]] = []
+        self.sigterm_exits: list[dict[str, Any]] = []
+
+    def event(self, what: str, **kw: Any) -> None:
+        rec = {"t": round(time.time() - self.t0, 2), "event": what, **kw}
+        self.events.append(rec)
+        print(f"[drill {rec['t']:7.2f}s] {what} {' '.join(f'{k}={v}' for k, v in kw.items())}",
+              file=sys.stderr, flush=True)
+
+    # --- infrastructure ----------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.pg = harness.PrivatePostgres(self.procs, self.workdir)
+        self.event("postgres started", port=self.pg.port)
+        self.redis = harness.PrivateRedis(self.procs, self.workdir, fsync="always")
+        self.event("redis started", port=self.redis.port, appendfsync="always")
+        self.smtp_port = harness.free_port()
+        self.record = self.workdir / "smtp-record.jsonl"
+        with open(self.workdir / "faultsmtp.log", "wb") as out:
+            self.smtp = self.procs.start(
+                "faultsmtp", [harness.PYTHON, str(Path(__file__).with_name("faultsmtp.py")), "--port",
+                              str(self.smtp_port), "--record", str(self.record), "--defer-first", "10",
+                              "--drop", "1", "--seed", str(self.args.seed)],
+                stdout=out, stderr=subprocess.STDOUT)
+        harness.wait_until(lambda: harness.port_open(self.smtp_port), 20, "the drill SMTP server to listen")
+        self.event("smtp server started", port=self.smtp_port)
+
+    def env(self, instance_id: str) -> dict[str, str]:
+        p = self.plan
+        return harness.serve_env(
+            MAIL_REDIS_MASTER_ADDR=self.redis.addr,
+            MAIL_REDIS_COMMAND_STREAM=STREAM,
+            MAIL_REDIS_CONSUMER_GROUP=GROUP,
+            MAIL_REDIS_CLAIM_IDLE="2s",
+            MAIL_POSTGRES_PRIMARY_DSN=self.pg.dsn(),
+            MAIL_POSTGRES_POOL_SIZE="6",
+            MAIL_SMTP_MODE="smtp",
+            MAIL_SMTP_ADDR=f"127.0.0.1:{self.smtp_port}",
+            MAIL_SMTP_TLS="none",
+            MAIL_SMTP_FROM="Drill <drill@example.com>",
+            MAIL_SMTP_TIMEOUT=p.smtp_timeout,
+            MAIL_RETRY_LADDER=p.ladder,
+            MAIL_ATTEMPT_WORKER_CONCURRENCY=str(p.workers),
+            MAIL_SHUTDOWN_TIMEOUT="10s",
+            MAIL_INTERNAL_HTTP_ADDR=f"127.0.0.1:{harness.free_port()}",
+            MAIL_INSTANCE_ID=instance_id,
+            MAIL_LOG_LEVEL="info",
+        )
+
+    def launch(self, slot: str, *, wait: bool) -> Serve:
+        """Start the instance in `slot`; every second restart of a slot takes a new instance id,
+        so both paths are exercised: a consumer resuming its own pending entries, and a dead
+        consumer's entries claimed by others."""
+        gen = self.generation.get(slot, 0)
+        self.generation[slot] = gen + 1
+        instance_id = f"drill-{slot}-{gen // 2}"
+        serve = Serve(self.procs, self.env(instance_id), self.workdir, name=f"serve-{slot}")
+        serve.start(wait=False)
+        self.instances[slot] = serve
+        self.event("instance started", slot=slot, instance_id=instance_id, pid=serve.pid)
+        if wait:
+            serve.wait_ready(40)
+        return serve
+
+    def supervise(self, restarts_left: list[int]) -> None:
+        """Restart an instance that exited on its own (as systemd's Restart=on-failure would)."""
+        for slot, serve in list(self.instances.items()):
+            if serve.proc is not None and not serve.alive():
+                code = serve.proc.popen.returncode
+                tail = serve.err_path.read_text(errors="replace").strip().splitlines()[-1:]
+                self.unexpected_exits.append({"slot": slot, "code": code, "stderr": tail,
+                                              "t": round(time.time() - self.t0, 2)})
+                self.event("instance exited on its own", slot=slot, code=code, stderr=tail)
+                serve.stop()
+                if restarts_left[0] > 0:
+                    restarts_left[0] -= 1
+                    self.launch(slot, wait=False)
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        p = self.plan
+        self.setup()
+        for slot in ("a", "b", "c"):
+            self.launch(slot, wait=False)
+        for serve in self.instances.values():
+            serve.wait_ready(40)
+        self.event("three instances ready")
+
+        mix = commands.mix("dr", p.commands, dup_ratio=0.10, malformed_ratio=0.02, seed=self.args.seed,
+                           auth_ratio=0.2, scheduled_ratio=0.10, schedule_window=(2.0, 6.0),
+                           headers_for_id=True)
+        start = time.time() + 0.2
+        mix.assign_send_at(start, p.rate)
+        time.sleep(max(0.0, start - time.time()))
+        producer = Producer(self.redis.addr, mix.entries, p.rate)
+        producer.start()
+        self.event("producer started", commands=len(mix.entries), rate=p.rate)
+
+        chaos_end = time.monotonic() + p.chaos_until
+        hard_end = time.monotonic() + len(mix.entries) / p.rate + 120
+        next_kill = time.monotonic() + self.rnd.uniform(*p.kill_every)
+        redis_at = time.monotonic() + p.redis_restart_at
+        pg_at = time.monotonic() + p.pg_restart_at
+        redis_done = pg_done = False
+        restarts_left = [20]
+        while time.monotonic() < hard_end:
+            now = time.monotonic()
+            if not redis_done and now >= redis_at:
+                self.event("redis: SIGKILL")
+                self.redis.restart(down_for=1.0)
+                self.event("redis: restarted from the AOF")
+                redis_done = True
+            elif not pg_done and now >= pg_at:
+                self.event("postgres: immediate shutdown")
+                self.pg.restart(down_for=1.0)
+                self.event("postgres: restarted (WAL recovery)")
+                pg_done = True
+            elif now >= next_kill and now < chaos_end:
+                slot = self.rnd.choice(sorted(self.instances))
+                victim = self.instances[slot]
+                self.event("SIGKILL", slot=slot, pid=victim.pid)
+                victim.kill()
+                time.sleep(0.3)
+                self.launch(slot, wait=False)
+                next_kill = time.monotonic() + self.rnd.uniform(*p.kill_every)
+            self.supervise(restarts_left)
+            if not producer.is_alive() and now >= chaos_end and redis_done and pg_done:
+                break
+            time.sleep(0.05)
+        producer.join(timeout=max(1.0, hard_end - time.monotonic()))
+        self.event("producer finished", xadd_calls=producer.xadd_calls, errors=producer.errors,
+                   failed=len(producer.failed), error=producer.error)
+
+        # Let things settle briefly (every instance up, as an operator would check), then a
+        # coordinated stop of everything.
+        time.sleep(1.0)
+        self.supervise(restarts_left)
+        for serve in self.instances.values():
+            with contextlib.suppress(HarnessError):
+                serve.wait_ready(30)
+        self.stop_all_graceful()
+
+        # Restart once more and drain.
+        for slot in ("a", "b", "c"):
+            self.launch(slot, wait=False)
+        drain_bound = p.lease_s + 45.0
+        drained = self.wait_drained(mix, drain_bound)
+        self.event("drain finished" if drained else "drain bound reached", bound_s=drain_bound)
+        self.stop_all_graceful()
+        self.procs.stop(self.smtp, timeout=10)
+        return self.analyse(mix, producer, drained)
+
+    def stop_all_graceful(self) -> None:
+        live = {slot: s for slot, s in self.instances.items() if s.alive()}
+        for slot, serve in live.items():
+            self.event("SIGTERM", slot=slot, pid=serve.pid)
+        started = time.monotonic()
+        for serve in live.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(serve.pid, signal.SIGTERM)
+        for slot, serve in live.items():
+            assert serve.proc is not None
+            code = self.procs.wait(serve.proc, timeout=25)
+            took = round(time.monotonic() - started, 2)
+            self.sigterm_exits.append({"slot": slot, "code": code, "seconds": took})
+            self.event("instance stopped", slot=slot, code=code, seconds=took)
+
+    def wait_drained(self, mix: commands.Mix, bound: float) -> bool:
+        ids = sorted(mix.expected_ids)
+        deadline = time.monotonic() + bound
+        restarts_left = [5]
+        while time.monotonic() < deadline:
+            self.supervise(restarts_left)
+            try:
+                state = harness.group_state(self.redis.client(), STREAM, GROUP)
+                done_rows = harness.query_one(
+                    self.pg.dsn(), "SELECT count(*) FROM mail.deliveries WHERE delivery_id = ANY(%s) "
+                    "AND status = ANY(%s)", (ids, list(TERMINAL)))
+            except Exception:
+                time.sleep(0.5)
+                continue
+            if state is not None and state[0] == 0 and state[1] == 0 and int(done_rows) >= len(ids):
+                return True
+            time.sleep(0.5)
+        return False
+
+    # --- the verdict -------------------------------------------------------------------------
+
+    def analyse(self, mix: commands.Mix, producer: Producer, drained: bool) -> dict[str, Any]:
+        accepted: Counter[str] = Counter()
+        first_accept: dict[str, float] = {}
+        message_ids: dict[str, set[str]] = defaultdict(set)
+        kinds: Counter[str] = Counter()
+        if self.record.exists():
+            for line in self.record.read_text().splitlines():
+                rec = json.loads(line)
+                kinds[rec["kind"]] += 1
+                if rec["kind"] != "accepted":
+                    continue
+                d = rec["delivery_id"]
+                accepted[d] += 1
+                message_ids[d].add(rec["message_id"])
+                first_accept[d] = min(first_accept.get(d, rec["t"]), rec["t"])
+
+        dsn = self.pg.dsn()
+        status = dict(harness.query_all(dsn, "SELECT delivery_id, status FROM mail.deliveries"))
+        attempts: dict[str, Counter[str]] = defaultdict(Counter)
+        for d, s, n in harness.query_all(
+                dsn, "SELECT delivery_id, status, count(*) FROM mail.attempts GROUP BY 1, 2"):
+            attempts[d][s] = int(n)
+        malformed_rows = harness.query_all(dsn, "SELECT delivery_id, failure_code FROM mail.malformed_commands")
+        dead_letters = int(harness.query_one(dsn, "SELECT count(*) FROM mail.dead_letters"))
+
+        expected = mix.expected_ids
+        once = sum(1 for d in expected if accepted[d] == 1)
+        dups = {d: accepted[d] for d in expected if accepted[d] > 1}
+        unexplained = {d: {"accepted": n, "attempts": dict(attempts[d])} for d, n in dups.items()
+                       if attempts[d]["interrupted"] < n - 1}
+        pending = sorted(d for d in expected if accepted[d] == 0 and status.get(d) in WAITING)
+        lost = sorted(d for d in expected if accepted[d] == 0 and status.get(d) not in WAITING)
+        sent_not_seen = sorted(d for d in expected if accepted[d] == 0 and status.get(d) == "sent")
+        unexpected = sorted(d for d in accepted if d not in expected)
+        split_message_id = sorted(d for d, mids in message_ids.items() if len(mids) > 1)
+        early = sorted(d for d, due in mix.send_at.items() if d in first_accept and first_accept[d] < due - 0.05)
+
+        by_id: dict[str, set[str]] = defaultdict(set)
+        for d, code in malformed_rows:
+            by_id[d or ""].add(code)
+        recorded = sum(1 for d in mix.malformed_ids if d in by_id)
+        wrong_code = sorted(d for d, code in mix.malformed_ids.items() if d in by_id and code not in by_id[d])
+        good_quarantined = sorted(d for d in by_id if d in expected)
+
+        result = {
+            "commands_sent": len(mix.entries),
+            "repeated_commands": mix.repeats,
+            "scheduled_commands": len(mix.scheduled),
+            "xadd_calls": producer.xadd_calls,
+            "xadd_errors_retried": producer.errors,
+            "xadd_failed": len(producer.failed),
+            "deliveries_expected": len(expected),
+            "delivered_exactly_once": once,
+            "duplicates": len(dups),
+            "duplicates_explained_by_interrupted": len(dups) - len(unexplained),
+            "unexplained_duplicates": len(unexplained),
+            "lost": len(lost),
+            "pending": len(pending),
+            "malformed_expected": len(mix.malformed_ids),
+            "malformed_recorded": recorded,
+            "malformed_rows": len(malformed_rows),
+            "malformed_wrong_code": len(wrong_code),
+            "well_formed_quarantined": len(good_quarantined),
+            "unexpected_at_server": len(unexpected),
+            "marked_sent_never_accepted": len(sent_not_seen),
+            "message_id_changed_between_attempts": len(split_message_id),
+            "scheduled_sent_early": len(early),
+            "dead_letters": dead_letters,
+            "server": dict(kinds),
+            "drained": drained,
+            "sigterm_exits": self.sigterm_exits,
+            "unexpected_exits": self.unexpected_exits,
+            "status_counts": dict(Counter(status.values())),
+            "samples": {"lost": lost[:10], "pending": pending[:10], "unexplained": dict(list(unexplained.items())[:10]),
+                        "wrong_code": wrong_code[:10], "quarantined": good_quarantined[:10],
+                        "early": early[:10], "unexpected": unexpected[:10]},
+            "events": self.events,
+        }
+        result["ok"] = (result["lost"] == 0 and result["unexplained_duplicates"] == 0 and result["pending"] == 0
+                        and recorded == len(mix.malformed_ids) and not wrong_code and not good_quarantined
+                        and not unexpected and not split_message_id and not producer.failed)
+        return result
+
+    def close(self, *, keep: bool) -> None:
+        self.procs.stop_all()
+        if keep:
+            print(f"drill files kept in {self.workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def report(r: dict[str, Any]) -> str:
+    rows = [
+        ("commands sent", r["commands_sent"]),
+        ("  of which repeated idempotency keys", r["repeated_commands"]),
+        ("  of which scheduled ahead", r["scheduled_commands"]),
+        ("deliveries expected", r["deliveries_expected"]),
+        ("delivered exactly once", r["delivered_exactly_once"]),
+        ("duplicates", r["duplicates"]),
+        ("  explained by an interrupted attempt", r["duplicates_explained_by_interrupted"]),
+        ("  unexplained", r["unexplained_duplicates"]),
+        ("lost", r["lost"]),
+        ("still pending", r["pending"]),
+        ("malformed recorded / expected", f"{r['malformed_recorded']} / {r['malformed_expected']}"),
+        ("malformed with the wrong code", r["malformed_wrong_code"]),
+        ("well-formed commands quarantined", r["well_formed_quarantined"]),
+        ("unexpected messages at the server", r["unexpected_at_server"]),
+        ("scheduled sent early", r["scheduled_sent_early"]),
+        ("dead letters", r["dead_letters"]),
+        ("server: accepted/deferred/dropped",
+         f"{r['server'].get('accepted', 0)} / {r['server'].get('deferred', 0)} / {r['server'].get('dropped', 0)}"),
+        ("instance exits on SIGTERM (code)", ", ".join(str(e["code"]) for e in r["sigterm_exits"])),
+        ("instances that exited on their own", len(r["unexpected_exits"])),
+        ("verdict", "PASS" if r["ok"] else "FAIL"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/drill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="the test-suite size (seconds, not minutes)")
+    p.add_argument("--json", help="where to write the JSON result (default: a file in the temp dir)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, SMTP record)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse(argv)
+    harness.install_signal_exit()
+    drill = Drill(args, SMALL if args.small else FULL)
+    result: dict[str, Any] | None = None
+    try:
+        result = drill.run()
+    except HarnessError as exc:
+        print(f"drill could not run: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        # every process is stopped by PID; the files are kept when asked or when the drill failed
+        drill.close(keep=args.keep or result is None or not result["ok"])
+    path = Path(args.json) if args.json else Path(tempfile.gettempdir()) / f"mailtrio-drill-{int(drill.t0)}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(report(result))
+    print(f"\nJSON: {path}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
