@@ -1,29 +1,259 @@
-"""The scheduler: claims due deliveries and hands them to the attempt workers (CONTRACT §5)."""
+"""The scheduler: claims due deliveries and hands them to the attempt workers (CONTRACT §5).
+
+One loop, River's model: wait until workers are idle, claim at most that many due deliveries in
+one UPDATE over a `FOR UPDATE SKIP LOCKED` subselect (authsession before notification, through
+the partial indexes on `deliveries (next_attempt_at)`), and hand each to a worker over the
+unbuffered channel. A claim sets status `sending` and a lease (owner MAIL_INSTANCE_ID, expiry
+MAIL_SMTP_TIMEOUT + 15 s).
+
+When nothing more is due the loop sleeps until the first of: a NOTIFY on `mail_schedule` (intake
+commits, deliveries put back), the earliest future `next_attempt_at` (so scheduled sends and
+retries fire on time), a retry this instance just scheduled, or the bounded poll interval.
+
+Lease rescue runs beside it: deliveries whose lease expired (their instance died) go back on the
+schedule with the unfinished attempt recorded `interrupted`; SKIP LOCKED makes exactly one
+instance rescue each. Cancelled (shutdown), the scheduler stops claiming, gives back any claim it
+had not handed over yet and closes the channel so the workers drain.
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
 import trio
 
-from mailtrio import log
+from mailtrio import bridge, log, telemetry
 from mailtrio.config import Settings
-from mailtrio.store import Database
+from mailtrio.store import Conn, Database
+from mailtrio.store import engine as store
+from mailtrio.workers import Job, WorkerPool, release
 
 _log = log.get("mailtrio.scheduler")
+
+POLL_INTERVAL = 1.0
+RESCUE_INTERVAL = 2.0
+ACTIVITY_LOG_INTERVAL = 60.0
+# Upper bound on one claim (the pool size bounds it first).
+MAX_CLAIM = 500
+# Bound on one scheduler query.
+QUERY_TIMEOUT = 15.0
+# A claim is shielded from cancellation (so a claim that committed is never lost to a shutdown,
+# which would leave its rows waiting for lease expiry), within this bound.
+CLAIM_TIMEOUT = 5.0
+# After a database error, wait this long (doubling up to the cap) before trying again.
+ERROR_BACKOFF = (0.2, 5.0)
+# Never sleep less than this between claim rounds that found nothing claimable.
+MIN_SLEEP = 0.01
+LISTEN_WAIT = 30.0
 
 
 class Scheduler:
     def __init__(
-        self, settings: Settings, db: Database, send_channel: trio.MemorySendChannel[Any], pool: Any
+        self,
+        settings: Settings,
+        db: Database,
+        send_channel: trio.MemorySendChannel[Job],
+        pool: WorkerPool,
     ) -> None:
         self.settings = settings
         self.db = db
         self.send_channel = send_channel
         self.pool = pool
+        self.owner = settings.instance_id
+        self._wake = trio.Event()
+        self._listening = False
+        pool.on_retry_scheduled = self._retry_scheduled
+        # counters since the last activity line
+        self.claimed = 0
+        self.rescued = 0
+        self.released = 0
 
+    # -- wake-ups ------------------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Something may be due: run a claim round now."""
+        self._wake.set()
+
+    def _retry_scheduled(self, delay: float) -> None:
+        # Retries due sooner than the next poll re-arm the precise timer.
+        if delay < POLL_INTERVAL:
+            self.wake()
+
+    # -- service -------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with self.send_channel:
-            _log.info("scheduler started")
-            task_status.started()
-            await trio.sleep_forever()
+        try:
+            async with self.send_channel, trio.open_nursery() as nursery:
+                await nursery.start(self._listen)
+                nursery.start_soon(self._rescue_loop)
+                nursery.start_soon(self._activity_loop)
+                _log.info(
+                    "scheduler started",
+                    instance_id=self.owner,
+                    lease_s=self.settings.lease_seconds,
+                    poll_interval_s=POLL_INTERVAL,
+                    listening=self._listening,
+                )
+                task_status.started()
+                await self._claim_loop()
+        finally:
+            _log.info("scheduler stopped", claimed=self.claimed, rescued=self.rescued, released=self.released)
+
+    async def run_once(self, limit: int | None = None) -> dict[str, int]:
+        """One rescue and one claim round for `limit` (default: idle workers); returns counts."""
+        rescued = await self.rescue_once()
+        n = limit if limit is not None else self.pool.idle
+        claims = await self.claim(n) if n > 0 else []
+        await self._dispatch(claims)
+        return {"rescued": rescued, "claimed": len(claims)}
+
+    # -- claiming -------------------------------------------------------------------------------------
+    async def claim(self, limit: int) -> list[store.Claim]:
+        limit = max(0, min(limit, MAX_CLAIM))
+        if limit == 0:
+            return []
+        owner, lease = self.owner, self.settings.lease_seconds
+
+        async def _claim(conn: Conn) -> list[store.Claim]:
+            return await store.claim_due(conn, owner=owner, lease_seconds=lease, limit=limit)
+
+        with trio.CancelScope(shield=True), trio.fail_after(CLAIM_TIMEOUT):
+            claims = await self.db.run(_claim)
+        self.claimed += len(claims)
+        return claims
+
+    async def next_due(self) -> float | None:
+        with trio.fail_after(QUERY_TIMEOUT):
+            return await self.db.run(store.next_due)
+
+    async def _claim_loop(self) -> None:
+        backoff = ERROR_BACKOFF[0]
+        while True:
+            idle = await self.pool.wait_idle()
+            # Reset before claiming: a wake-up that arrives during the round is kept for the next.
+            self._wake = trio.Event()
+            try:
+                claims = await self.claim(idle)
+                await self._dispatch(claims)
+                if len(claims) == min(idle, MAX_CLAIM):
+                    backoff = ERROR_BACKOFF[0]
+                    continue  # every idle worker got one: more may be due
+                wait = await self.next_due()
+                backoff = ERROR_BACKOFF[0]
+            except Exception as exc:
+                _log.warning("scheduler claim round failed", error=_one_line(exc), retry_in_s=backoff)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, ERROR_BACKOFF[1])
+                continue
+            timeout = POLL_INTERVAL if wait is None else min(POLL_INTERVAL, max(wait, MIN_SLEEP))
+            with trio.move_on_after(timeout):
+                await self._wake.wait()
+
+    async def _dispatch(self, claims: list[store.Claim]) -> None:
+        claimed_at = trio.current_time()
+        handed = 0
+        try:
+            for claim in claims:
+                await self.send_channel.send(Job(claim, claimed_at))
+                handed += 1
+        finally:
+            if handed < len(claims):
+                await self._give_back(claims[handed:])
+
+    async def _give_back(self, claims: list[store.Claim]) -> None:
+        """Release claims that never reached a worker (shielded, bounded)."""
+        with trio.move_on_after(3.0) as scope:
+            scope.shield = True
+            finishes = [release(c, rendered=c.rendered) for c in claims]
+            try:
+                done = await self.pool.recorder.write_now(finishes)
+                self.released += len(done)
+                _log.info("claims given back", count=len(done))
+            except Exception as exc:
+                _log.error("could not give claims back; their leases will expire",
+                           count=len(claims), error=_one_line(exc))
+
+    # -- lease rescue --------------------------------------------------------------------------------
+    async def rescue_once(self) -> int:
+        rescuer = self.owner
+
+        async def _rescue(conn: Conn) -> list[dict[str, object]]:
+            return await store.rescue_expired(conn, rescuer=rescuer)
+
+        with trio.fail_after(QUERY_TIMEOUT):
+            rows = await self.db.run(_rescue)
+        if rows:
+            self.rescued += len(rows)
+            _log.warning(
+                "expired leases rescued; deliveries back on the schedule",
+                count=len(rows),
+                delivery_ids=[r["delivery_id"] for r in rows][:50],
+                lease_owners=sorted({str(r["instance_id"]) for r in rows}),
+            )
+            telemetry.attempt_outcomes.add(len(rows), {"status": "interrupted"})
+            self.wake()
+        return len(rows)
+
+    async def _rescue_loop(self) -> None:
+        while True:
+            try:
+                await self.rescue_once()
+            except Exception as exc:
+                _log.warning("lease rescue failed", error=_one_line(exc))
+            await trio.sleep(RESCUE_INTERVAL)
+
+    # -- LISTEN mail_schedule --------------------------------------------------------------------
+    async def _listen(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        backoff = ERROR_BACKOFF[0]
+        while True:
+            conn: Conn | None = None
+            try:
+                conn = await self.db.connect_direct()
+                listen_conn = conn
+                with trio.fail_after(QUERY_TIMEOUT):
+                    await bridge.call(store.listen_schedule, listen_conn)
+                if started:
+                    _log.info("schedule listener reconnected")
+                self._listening = True
+                backoff = ERROR_BACKOFF[0]
+                self.wake()  # anything notified while we were not listening
+                if not started:
+                    started = True
+                    task_status.started()
+                while True:
+                    if await bridge.call(store.wait_schedule_notify, listen_conn, LISTEN_WAIT):
+                        self.wake()
+            except Exception as exc:
+                self._listening = False
+                _log.warning("schedule listener lost; polling until it reconnects",
+                             error=_one_line(exc), retry_in_s=backoff)
+            finally:
+                if conn is not None:
+                    with trio.move_on_after(2.0) as scope:
+                        scope.shield = True
+                        await bridge.call(conn.close)
+            if not started:
+                # Start anyway: the bounded poll keeps the schedule moving without notifications.
+                started = True
+                task_status.started()
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, ERROR_BACKOFF[1])
+
+    # -- regular activity line ------------------------------------------------------------------
+    async def _activity_loop(self) -> None:
+        last = (0, 0, 0)
+        while True:
+            await trio.sleep(ACTIVITY_LOG_INTERVAL)
+            now = (self.claimed, self.rescued, self.released)
+            _log.info(
+                "scheduler activity",
+                claimed=now[0] - last[0],
+                rescued=now[1] - last[1],
+                released=now[2] - last[2],
+                interval_s=ACTIVITY_LOG_INTERVAL,
+                idle_workers=self.pool.idle,
+                listening=self._listening,
+            )
+            last = now
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())

@@ -1,17 +1,275 @@
-"""The attempt worker pool over a bounded memory channel (CONTRACT §5)."""
+"""The attempt worker pool over a bounded memory channel (CONTRACT §5).
+
+MAIL_ATTEMPT_WORKER_CONCURRENCY workers receive claimed deliveries from the scheduler over an
+unbuffered channel; the scheduler claims only as many deliveries as there are idle workers. Each
+worker owns one provider session (for SMTP: one persistent connection) and runs one attempt at a
+time:
+
+1. render once (template mode: the catalog; rendered mode: the payload), validate, and store the
+   content with the resolved locale before anything is sent; a render error fails the delivery
+   (`render_failed: ...`) and sends nothing;
+2. build the message (the delivery's own Message-ID on every attempt) and send it under a cancel
+   scope of MAIL_SMTP_TIMEOUT;
+3. classify and hand the outcome to the recorder.
+
+The recorder writes whatever is queued, at once, in one transaction of multi-row statements
+(group commit), so the window between the server's 250 and the durable record stays one commit
+long while many workers share each round trip. Every write is fenced on this instance's lease.
+
+Shutdown: the pool returns once the channel is closed and every in-flight attempt is recorded.
+If its cancel scope is cancelled (the shutdown deadline), running attempts are recorded
+`interrupted` and their deliveries put back on the schedule at once (shielded, short deadline).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import trio
+from opentelemetry import trace
+from opentelemetry.trace import Link, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from mailtrio import log
-from mailtrio.catalog import Catalog
-from mailtrio.config import Settings
-from mailtrio.store import Database
+from mailtrio import log, message, retry, telemetry
+from mailtrio.catalog import Catalog, RenderError
+from mailtrio.config import Settings, format_duration
+from mailtrio.providers.base import AttemptStatus, Envelope, Phase, Provider, SendReport, Session
+from mailtrio.store import Database, TransientError
+from mailtrio.store import engine as store
 
 _log = log.get("mailtrio.workers")
+
+# Bound on the shielded clean-up of a cancelled attempt (record it, put it back).
+CLEANUP_SECONDS = 1.5
+# Bound on one database write of the recorder.
+WRITE_TIMEOUT = 15.0
+# Outcomes queued beyond this many per worker make workers wait for the recorder.
+BACKLOG_PER_WORKER = 4
+
+_propagator = TraceContextTextMapPropagator()
+_RETRY_WRITE: tuple[type[BaseException], ...] = (*TransientError, trio.TooSlowError)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A claimed delivery on its way to a worker; `claimed_at` is trio time at the claim."""
+
+    claim: store.Claim
+    claimed_at: float
+
+
+# -- rendering --------------------------------------------------------------------------------------
+
+
+def prepare(
+    claim: store.Claim, catalog: Catalog, settings: Settings
+) -> tuple[message.Content, message.Addressing]:
+    """The content (rendered now or stored earlier) and addressing of a claimed delivery.
+
+    Raises RenderError or message.ContentError when the delivery cannot be sent as it is.
+    """
+    payload = claim.payload
+    headers_raw = claim.headers if claim.rendered else payload.get("headers")
+    if headers_raw is None:
+        headers_raw = {}
+    if not isinstance(headers_raw, dict):
+        raise message.ContentError("headers must be an object")
+    headers = {str(k): v for k, v in headers_raw.items()}
+    if claim.rendered:
+        content = message.Content(
+            subject=claim.subject or "",
+            text=claim.text_body,
+            html=claim.html_body,
+            headers=headers,
+            locale=claim.resolved_locale or claim.locale,
+        )
+    elif claim.payload_mode == "template":
+        variables = payload.get("variables") or {}
+        if not isinstance(variables, dict):
+            raise RenderError("variables must be an object")
+        if not claim.template_id:
+            raise RenderError("no template_id")
+        rendered = catalog.render(claim.template_id, claim.locale, variables)
+        content = message.Content(
+            subject=rendered.subject,
+            text=rendered.text,
+            html=rendered.html,
+            headers=headers,
+            locale=rendered.resolved_locale,
+        )
+    else:
+        subject, text, html = payload.get("subject"), payload.get("text"), payload.get("html")
+        for name, value in (("subject", subject), ("text", text), ("html", html)):
+            if value is not None and not isinstance(value, str):
+                raise message.ContentError(f"{name} must be a string")
+        content = message.Content(
+            subject=subject or "",
+            text=text if text and text.strip() else None,
+            html=html if html and html.strip() else None,
+            headers=headers,
+            locale=claim.locale,
+        )
+    content.validate()
+    recipients = claim.recipients
+    reply_to = payload.get("reply_to")
+    addressing = message.Addressing(
+        sender=settings.smtp_from,
+        to=message.addresses(recipients.get("to")),
+        cc=message.addresses(recipients.get("cc")),
+        bcc=message.addresses(recipients.get("bcc")),
+        reply_to=message.Address.from_value(reply_to) if reply_to else None,
+    )
+    addressing.validate()
+    return content, addressing
+
+
+# -- the recorder -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    contents: list[store.ContentWrite] = field(default_factory=list)
+    finishes: list[tuple[store.Finish, Callable[[bool], None] | None]] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+    stored: set[str] = field(default_factory=set)
+    failed: bool = False
+
+    def __len__(self) -> int:
+        return len(self.contents) + len(self.finishes)
+
+
+class Recorder:
+    """Group commit of rendered contents and attempt outcomes, fenced on this instance's lease."""
+
+    def __init__(self, db: Database, owner: str, *, backlog: int) -> None:
+        self.db = db
+        self.owner = owner
+        self.backlog = backlog
+        self._pending = _Batch()
+        self._wake = trio.Event()
+        self._room = trio.Event()
+        self._closing = False
+        self._inflight: trio.CancelScope | None = None
+        self.flushes = 0
+        self.written = 0
+
+    async def store_content(self, item: store.ContentWrite) -> bool:
+        """Queue the content and wait until it is durable; False if the lease was lost."""
+        batch = self._pending
+        batch.contents.append(item)
+        self._wake.set()
+        await batch.done.wait()
+        return item.delivery_id in batch.stored
+
+    async def finish(self, item: store.Finish, after: Callable[[bool], None] | None = None) -> None:
+        """Queue an outcome (written at once, in the next flush); waits only when backlogged.
+
+        `after(fenced_ok)` runs once the outcome is durable (or known lost).
+        """
+        while len(self._pending) >= self.backlog and not self._closing:
+            await self._room.wait()
+        self._pending.finishes.append((item, after))
+        self._wake.set()
+
+    async def write_now(self, finishes: list[store.Finish]) -> set[str]:
+        """Write outcomes directly, outside the queue (clean-up of cancelled attempts)."""
+        _, done = await self.db.run(
+            lambda conn: store.write_batch(conn, owner=self.owner, contents=[], finishes=finishes)
+        )
+        return done
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                if not len(self._pending):
+                    if self._closing:
+                        return
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    continue
+                batch, self._pending = self._pending, _Batch()
+                self._room.set()
+                self._room = trio.Event()
+                await self._flush(batch)
+        finally:
+            # Cancelled at the shutdown deadline: write what is queued, shielded and bounded.
+            if len(self._pending):
+                with trio.move_on_after(CLEANUP_SECONDS) as scope:
+                    scope.shield = True
+                    batch, self._pending = self._pending, _Batch()
+                    await self._flush(batch, retry_transient=False)
+
+    async def close(self) -> None:
+        """Ask the recorder to stop once everything queued is written."""
+        self._closing = True
+        self._wake.set()
+        self._room.set()
+
+    def shorten(self, seconds: float) -> None:
+        """Bound the write in flight (shielded) to `seconds` from now: the pool is being cancelled."""
+        scope = self._inflight
+        if scope is not None:
+            scope.deadline = min(scope.deadline, trio.current_time() + seconds)
+
+    async def _write(self, batch: _Batch, finishes: list[store.Finish]) -> set[str]:
+        """One write, shielded: a batch whose commit may already be on its way is never abandoned
+        to a cancellation (that would turn recorded outcomes into lease expiries)."""
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + WRITE_TIMEOUT
+            self._inflight = scope
+            try:
+                batch.stored, done = await self.db.run(
+                    lambda conn: store.write_batch(
+                        conn, owner=self.owner, contents=batch.contents, finishes=finishes
+                    )
+                )
+                return done
+            finally:
+                self._inflight = None
+        raise trio.TooSlowError(f"outcome write did not finish within {WRITE_TIMEOUT:.0f}s")
+
+    async def _flush(self, batch: _Batch, *, retry_transient: bool = True) -> None:
+        finishes = [f for f, _ in batch.finishes]
+        delay = 0.1
+        done: set[str] = set()
+        try:
+            while True:
+                try:
+                    done = await self._write(batch, finishes)
+                    break
+                except _RETRY_WRITE as exc:
+                    if not retry_transient:
+                        raise
+                    # The leases still protect these rows; keep trying while the database recovers.
+                    _log.warning("outcome write failed, retrying", error=_one_line(exc), retry_in_s=delay,
+                                 items=len(batch))
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        except trio.Cancelled:
+            batch.failed = True
+            raise
+        except Exception as exc:
+            batch.failed = True
+            _log.error("outcome write failed; leases will expire and be rescued",
+                       error=_one_line(exc), items=len(batch),
+                       delivery_ids=[f.delivery_id for f in finishes][:20])
+        finally:
+            batch.done.set()
+            self.flushes += 1
+            self.written += len(batch)
+            for f, after in batch.finishes:
+                ok = f.delivery_id in done
+                if not ok and not batch.failed:
+                    _log.warning("attempt outcome discarded: lease lost", delivery_id=f.delivery_id,
+                                 status=f.status)
+                if after is not None:
+                    after(ok)
+
+
+# -- the pool -----------------------------------------------------------------------------------------
 
 
 class WorkerPool:
@@ -20,19 +278,313 @@ class WorkerPool:
         settings: Settings,
         db: Database,
         catalog: Catalog,
-        provider: Any,
-        receive_channel: trio.MemoryReceiveChannel[Any],
+        provider: Provider,
+        receive_channel: trio.MemoryReceiveChannel[Job],
     ) -> None:
         self.settings = settings
         self.db = db
         self.catalog = catalog
         self.provider = provider
         self.receive_channel = receive_channel
+        self.size = settings.worker_concurrency
+        self.recorder = Recorder(db, settings.instance_id, backlog=BACKLOG_PER_WORKER * self.size)
+        self.domain = message.sender_domain(settings.smtp_from)
+        self._idle = 0
+        self._idle_changed = trio.Event()
+        # Called with the delay (s) of every retry this instance schedules (the scheduler's timer).
+        self.on_retry_scheduled: Callable[[float], None] | None = None
+        self.attempts = 0
 
+    # -- what the scheduler sees ------------------------------------------------------------------
+    @property
+    def idle(self) -> int:
+        return self._idle
+
+    async def wait_idle(self) -> int:
+        """Wait until at least one worker waits for work; return how many do."""
+        while self._idle == 0:
+            await self._idle_changed.wait()
+        return self._idle
+
+    def _set_idle(self, delta: int) -> None:
+        self._idle += delta
+        self._idle_changed.set()
+        self._idle_changed = trio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until the channel is closed and every in-flight attempt has finished."""
-        async with self.receive_channel:
-            _log.info("attempt worker pool started", workers=self.settings.worker_concurrency)
-            task_status.started()
-            async for _item in self.receive_channel:
-                pass
+        """Run until the channel is closed and every in-flight attempt has been recorded."""
+        try:
+            async with self.receive_channel, trio.open_nursery() as outer:
+                await outer.start(self.recorder.run)
+                try:
+                    async with trio.open_nursery() as workers:
+                        for i in range(self.size):
+                            workers.start_soon(self._worker, i, name=f"attempt-worker-{i}")
+                        _log.info("attempt worker pool started", workers=self.size,
+                                  provider=getattr(self.provider, "name", "?"))
+                        task_status.started()
+                finally:
+                    await self.recorder.close()
+        finally:
+            _log.info("attempt workers stopped", attempts=self.attempts)
+
+    async def _worker(self, index: int) -> None:
+        session = self.provider.session()
+        try:
+            while True:
+                self._set_idle(+1)
+                try:
+                    job = await self.receive_channel.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
+                finally:
+                    self._set_idle(-1)
+                await self._attempt(session, job)
+        finally:
+            with trio.move_on_after(2.0) as scope:
+                scope.shield = True
+                await session.close()
+
+    # -- one attempt ----------------------------------------------------------------------------------
+    async def _attempt(self, session: Session, job: Job) -> None:
+        claim = job.claim
+        self.attempts += 1
+        links = _producer_links(claim.traceparent)
+        attempt_no = claim.attempt_count + 1
+        handed = False
+        rendered = claim.rendered
+        with telemetry.tracer.start_as_current_span(
+            "attempt",
+            links=links,
+            attributes={
+                "mail.delivery_id": claim.delivery_id,
+                "mail.source": claim.source,
+                "mail.attempt_no": attempt_no,
+            },
+        ) as span:
+            try:
+                # 1. content: stored, or rendered now and stored before anything is sent
+                try:
+                    if rendered:
+                        content, addressing = prepare(claim, self.catalog, self.settings)
+                    else:
+                        with telemetry.tracer.start_as_current_span("render") as render_span:
+                            render_span.set_attribute("mail.template_id", claim.template_id or "")
+                            content, addressing = prepare(claim, self.catalog, self.settings)
+                except (RenderError, message.ContentError) as exc:
+                    await self._render_failed(job, str(exc), span)
+                    return
+                if not rendered:
+                    stored = await self.recorder.store_content(
+                        store.ContentWrite(
+                            delivery_id=claim.delivery_id,
+                            lease_started_at=claim.lease_started_at,
+                            subject=content.subject,
+                            text_body=content.text,
+                            html_body=content.html,
+                            headers=dict(content.headers),
+                            resolved_locale=content.locale,
+                        )
+                    )
+                    if not stored:
+                        _log.warning("claim lost before sending; nothing sent", delivery_id=claim.delivery_id)
+                        return
+                    rendered = True
+
+                # 2. send under MAIL_SMTP_TIMEOUT
+                data = message.build(addressing, content, message_id=claim.message_id, date=datetime.now(UTC))
+                envelope = Envelope(
+                    sender=addressing.envelope_sender(),
+                    recipients=addressing.envelope_recipients(),
+                    source=claim.source,
+                    delivery_id=claim.delivery_id,
+                    message_id=claim.message_id,
+                    smtputf8=addressing.needs_smtputf8(),
+                )
+                handed = True
+                report = await self._send(session, envelope, data)
+            except trio.Cancelled:
+                self.recorder.shorten(CLEANUP_SECONDS)
+                await self._cancelled(session, job, handed=handed, rendered=rendered)
+                raise
+
+            # 3. classify and record
+            await self._record(job, report, span)
+
+    async def _send(self, session: Session, envelope: Envelope, data: bytes) -> SendReport:
+        timeout = self.settings.smtp_timeout
+        start = trio.current_time()
+        with telemetry.tracer.start_as_current_span("smtp send") as span:
+            span.set_attribute("mail.recipients", len(envelope.recipients))
+            with trio.move_on_after(timeout) as scope:
+                report = await session.send(envelope, data)
+            if scope.cancelled_caught:
+                await session.abort()
+                report = SendReport(
+                    AttemptStatus.TIMED_OUT,
+                    f"timed out after {format_duration(timeout)} (MAIL_SMTP_TIMEOUT)",
+                    Phase.CONNECT,
+                    extra={"timeout_s": timeout},
+                )
+            elapsed_ms = (trio.current_time() - start) * 1000.0
+            telemetry.send_duration_ms.record(elapsed_ms, {"provider": getattr(self.provider, "name", "?")})
+            span.set_attribute("mail.attempt_status", str(report.status))
+            if report.status != AttemptStatus.PROVIDER_ACCEPTED:
+                span.set_status(Status(StatusCode.ERROR, report.summary))
+        return report
+
+    async def _record(self, job: Job, report: SendReport, span: trace.Span) -> None:
+        claim = job.claim
+        step = retry.next_step(
+            report.status,
+            suppressed=report.suppressed,
+            ladder_step=claim.ladder_step,
+            ladder=self.settings.retry_ladder,
+        )
+        attempt_no = claim.attempt_count + 1
+        dead_reason = retry.dead_letter_reason(attempt_no, report.summary) if step.dead_letter else None
+        retry_ms = None if step.retry_delay is None else round(step.retry_delay * 1000)
+        finish = store.Finish(
+            delivery_id=claim.delivery_id,
+            lease_started_at=claim.lease_started_at,
+            status=step.delivery_status,
+            status_reason=None if step.delivery_status == "sent" else report.summary,
+            attempt_status=str(report.status),
+            elapsed_ms=_elapsed_ms(job),
+            provider_summary=report.summary,
+            details=report.details(),
+            retry_ms=retry_ms,
+            ladder_step=step.ladder_step,
+            dead_reason=dead_reason,
+        )
+        span.set_attribute("mail.attempt_status", str(report.status))
+        span.set_attribute("mail.delivery_status", step.delivery_status)
+        fields = {
+            "delivery_id": claim.delivery_id,
+            "source": claim.source,
+            "attempt_no": attempt_no,
+            "attempt_status": str(report.status),
+            "provider_summary": report.summary,
+        }
+        if step.delivery_status == "sent":
+            _log.debug("delivery sent", **fields)
+        elif step.delivery_status == "rendered":
+            _log.info("attempt failed, retry scheduled", retry_in_s=step.retry_delay,
+                      ladder_step=step.ladder_step, **fields)
+        elif step.dead_letter:
+            _log.warning("delivery dead-lettered: retry ladder exhausted", **fields)
+        elif step.delivery_status == "suppressed":
+            _log.info("delivery suppressed", **fields)
+        else:
+            _log.warning("delivery failed", **fields)
+
+        status = str(report.status)
+        delivery_status = step.delivery_status
+        delay = step.retry_delay
+
+        def after(ok: bool) -> None:
+            if not ok:
+                return
+            telemetry.attempt_outcomes.add(1, {"status": status})
+            if delivery_status == "dead_letter":
+                telemetry.dead_letters.add(1)
+            elif delivery_status == "suppressed":
+                telemetry.suppressed.add(1)
+            if delay is not None and self.on_retry_scheduled is not None:
+                self.on_retry_scheduled(delay)
+
+        await self.recorder.finish(finish, after)
+
+    async def _render_failed(self, job: Job, reason: str, span: trace.Span) -> None:
+        claim = job.claim
+        summary = f"render_failed: {reason}"
+        span.set_status(Status(StatusCode.ERROR, summary))
+        _log.warning("delivery failed: render failed", delivery_id=claim.delivery_id, source=claim.source,
+                     template_id=claim.template_id, reason=reason)
+        await self.recorder.finish(
+            store.Finish(
+                delivery_id=claim.delivery_id,
+                lease_started_at=claim.lease_started_at,
+                status="failed",
+                status_reason=summary[:1000],
+                attempt_status=None,
+                elapsed_ms=_elapsed_ms(job),
+                provider_summary=None,
+                details=None,
+                retry_ms=None,
+                ladder_step=claim.ladder_step,
+            )
+        )
+
+    async def _cancelled(self, session: Session, job: Job, *, handed: bool, rendered: bool) -> None:
+        """The attempt was cancelled (shutdown deadline): put the delivery back at once."""
+        claim = job.claim
+        with trio.move_on_after(CLEANUP_SECONDS) as scope:
+            scope.shield = True
+            await session.abort()
+            back = "rendered" if rendered else "queued"
+            if handed:
+                finish = store.Finish(
+                    delivery_id=claim.delivery_id,
+                    lease_started_at=claim.lease_started_at,
+                    status=back,
+                    status_reason="interrupted: the instance stopped mid-attempt",
+                    attempt_status=str(AttemptStatus.INTERRUPTED),
+                    elapsed_ms=_elapsed_ms(job),
+                    provider_summary="interrupted: shutdown deadline reached, outcome unknown",
+                    details={"phase": "shutdown"},
+                    retry_ms=0,
+                    ladder_step=claim.ladder_step,
+                )
+            else:
+                finish = release(claim, rendered=rendered, elapsed_ms=_elapsed_ms(job))
+            try:
+                done = await self.recorder.write_now([finish])
+            except Exception as exc:
+                _log.error("could not put a cancelled attempt back; its lease will expire",
+                           delivery_id=claim.delivery_id, error=_one_line(exc))
+                return
+            if claim.delivery_id in done:
+                if handed:
+                    telemetry.attempt_outcomes.add(1, {"status": str(AttemptStatus.INTERRUPTED)})
+                _log.info("attempt interrupted by shutdown; delivery back on the schedule",
+                          delivery_id=claim.delivery_id, status=back, recorded_attempt=handed)
+        if scope.cancelled_caught:
+            _log.error("putting a cancelled attempt back timed out; its lease will expire",
+                       delivery_id=claim.delivery_id)
+
+
+def release(claim: store.Claim, *, rendered: bool, elapsed_ms: int = 0) -> store.Finish:
+    """Give a claim back untouched (no attempt took place): due now, schedule age kept."""
+    return store.Finish(
+        delivery_id=claim.delivery_id,
+        lease_started_at=claim.lease_started_at,
+        status="rendered" if rendered else "queued",
+        status_reason=None,
+        attempt_status=None,
+        elapsed_ms=elapsed_ms,
+        provider_summary=None,
+        details=None,
+        retry_ms=0,
+        ladder_step=claim.ladder_step,
+        reenter=False,
+        keep_reason=True,
+    )
+
+
+def _producer_links(traceparent: str | None) -> list[Link]:
+    if not traceparent:
+        return []
+    ctx = _propagator.extract({"traceparent": traceparent})
+    span_ctx = trace.get_current_span(ctx).get_span_context()
+    return [Link(span_ctx)] if span_ctx.is_valid else []
+
+
+def _elapsed_ms(job: Job) -> int:
+    return max(0, int((trio.current_time() - job.claimed_at) * 1000))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())

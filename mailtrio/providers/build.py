@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from mailtrio.config import Settings
+from mailtrio.providers.base import Provider
 
 
-def build_provider(settings: Settings) -> Any:
-    return None
+def build_provider(settings: Settings) -> Provider:
+    if settings.smtp_mode == "stub":
+        from mailtrio.providers.stub import StubProvider
+
+        return StubProvider()
+    from mailtrio.providers.smtp import SmtpProvider
+
+    return SmtpProvider(settings)

@@ -1,0 +1,149 @@
+"""What a provider is and what it reports (no I/O here).
+
+A provider hands one message to the outside world. The attempt workers each open their own
+`Session` (for SMTP: one persistent connection per worker) and call `send` once per attempt,
+inside the cancel scope that bounds the attempt by MAIL_SMTP_TIMEOUT. A session never raises for
+what the server or the network did: it returns a `SendReport` whose `status` is already one of the
+contract's attempt statuses. Only cancellation propagates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class AttemptStatus(StrEnum):
+    """Attempt statuses of CONTRACT §5 (the CHECK constraint on mail.attempts.status)."""
+
+    PROVIDER_ACCEPTED = "provider_accepted"
+    PROVIDER_REJECTED = "provider_rejected"
+    PROVIDER_DEFERRED = "provider_deferred"
+    TRANSPORT_FAILED = "transport_failed"
+    TIMED_OUT = "timed_out"
+    SUPPRESSED = "suppressed"
+    INTERRUPTED = "interrupted"
+
+
+class Phase(StrEnum):
+    """Where in an SMTP session a reply or failure happened."""
+
+    CONNECT = "connect"
+    GREETING = "greeting"
+    EHLO = "ehlo"
+    TLS = "tls"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    MESSAGE = "message"
+    STUB = "stub"
+
+
+_ENHANCED_RE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: code, RFC 3463 enhanced status code (when given) and text."""
+
+    code: int
+    text: str
+    enhanced: str | None = None
+
+    @classmethod
+    def parse(cls, code: int, message: str) -> Reply:
+        """Split an enhanced status code off the front of the reply text."""
+        text = " ".join(message.split())
+        m = _ENHANCED_RE.match(text)
+        if m:
+            return cls(code, text[m.end():], m.group(1))
+        return cls(code, text)
+
+    def summary(self) -> str:
+        parts = [str(self.code)]
+        if self.enhanced:
+            parts.append(self.enhanced)
+        if self.text:
+            parts.append(self.text)
+        return " ".join(parts)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"code": self.code, "enhanced": self.enhanced, "text": self.text}
+
+
+@dataclass(frozen=True)
+class RecipientReply:
+    address: str
+    reply: Reply
+
+    def as_json(self) -> dict[str, Any]:
+        return {"address": self.address, **self.reply.as_json()}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The SMTP envelope of one attempt. Bcc recipients are here and never in the headers."""
+
+    sender: str
+    recipients: Sequence[str]
+    source: str
+    delivery_id: str
+    message_id: str
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True)
+class SendReport:
+    """The classified result of one send.
+
+    `summary` is the short human text stored as the attempt's provider_summary and, for failed,
+    suppressed and dead-lettered deliveries, as the delivery's status_reason (code, enhanced code,
+    text; never credentials). `details` holds the per-recipient replies and the phase.
+    """
+
+    status: AttemptStatus
+    summary: str
+    phase: Phase
+    reply: Reply | None = None
+    recipients: tuple[RecipientReply, ...] = ()
+    suppressed: bool = False
+    # True when the message bytes may have reached the server (DATA content was written).
+    handed_over: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def details(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"phase": str(self.phase)}
+        if self.reply is not None:
+            out["reply"] = self.reply.as_json()
+        if self.recipients:
+            out["recipients"] = [r.as_json() for r in self.recipients]
+        out.update(self.extra)
+        return out
+
+
+class Session(Protocol):
+    """One worker's channel to the provider (for SMTP: a persistent connection)."""
+
+    async def send(self, envelope: Envelope, message: bytes) -> SendReport:
+        """Send one message. Never raises for server or network failures; may be cancelled."""
+        ...
+
+    async def abort(self) -> None:
+        """Drop the connection at once (after a timeout or cancellation); never blocks."""
+        ...
+
+    async def close(self) -> None:
+        """Close politely (QUIT), bounded in time."""
+        ...
+
+
+class Provider(Protocol):
+    name: str
+
+    def session(self) -> Session:
+        """A new session for one attempt worker."""
+        ...

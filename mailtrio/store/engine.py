@@ -1,0 +1,202 @@
+"""Store code of the delivery engine (asyncio coroutines taking a connection; see store/__init__).
+
+Claims, rendered content, fenced outcomes and lease rescue. Every statement is multi-row: one
+round trip claims a batch, stores a batch of rendered contents or records a batch of outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from mailtrio.store import Conn
+from mailtrio.store.queries import q
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A delivery claimed under this instance's lease, with everything an attempt needs."""
+
+    delivery_id: str
+    source: str
+    payload_mode: str
+    template_id: str | None
+    locale: str
+    resolved_locale: str | None
+    recipients: dict[str, Any]
+    message_id: str
+    attempt_count: int
+    ladder_step: int
+    traceparent: str | None
+    lease_started_at: datetime
+    priority: int
+    due: datetime | None
+    payload: dict[str, Any]
+    # The stored content, when it was rendered by an earlier attempt.
+    subject: str | None
+    text_body: str | None
+    html_body: str | None
+    headers: dict[str, str] | None
+    rendered: bool
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Claim:
+        return cls(
+            delivery_id=row["delivery_id"],
+            source=row["source"],
+            payload_mode=row["payload_mode"],
+            template_id=row["template_id"],
+            locale=row["locale"],
+            resolved_locale=row["resolved_locale"],
+            recipients=row["recipients"] or {},
+            message_id=row["message_id"],
+            attempt_count=row["attempt_count"],
+            ladder_step=row["ladder_step"],
+            traceparent=row["traceparent"],
+            lease_started_at=row["lease_started_at"],
+            priority=row["prio"],
+            due=row["due"],
+            payload=row["payload"] if isinstance(row["payload"], dict) else {},
+            subject=row["subject"],
+            text_body=row["text_body"],
+            html_body=row["html_body"],
+            headers=row["headers"],
+            rendered=row["rendered_at"] is not None,
+        )
+
+
+@dataclass(frozen=True)
+class ContentWrite:
+    delivery_id: str
+    lease_started_at: datetime
+    subject: str
+    text_body: str | None
+    html_body: str | None
+    headers: dict[str, str]
+    resolved_locale: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "delivery_id": self.delivery_id,
+            "lease_started_at": self.lease_started_at.isoformat(),
+            "subject": self.subject,
+            "text_body": self.text_body,
+            "html_body": self.html_body,
+            "headers": self.headers,
+            "resolved_locale": self.resolved_locale,
+        }
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The end of one claimed attempt.
+
+    `attempt_status` None records no attempt row (a render failure, or a claim released before
+    its attempt started). `retry_ms` None means the new status is terminal; otherwise the delivery
+    goes back on the schedule that far in the future. `reenter` resets schedule_entered_at.
+    """
+
+    delivery_id: str
+    lease_started_at: datetime
+    status: str
+    status_reason: str | None
+    attempt_status: str | None
+    elapsed_ms: int
+    provider_summary: str | None
+    details: dict[str, Any] | None
+    retry_ms: int | None
+    ladder_step: int
+    reenter: bool = True
+    keep_reason: bool = False
+    dead_reason: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "delivery_id": self.delivery_id,
+            "lease_started_at": self.lease_started_at.isoformat(),
+            "status": self.status,
+            "status_reason": self.status_reason,
+            "attempt_status": self.attempt_status,
+            "elapsed_ms": max(0, int(self.elapsed_ms)),
+            "provider_summary": self.provider_summary,
+            "details": self.details,
+            "retry_ms": self.retry_ms,
+            "ladder_step": self.ladder_step,
+            "reenter": self.reenter,
+            "keep_reason": self.keep_reason,
+            "dead_reason": self.dead_reason,
+        }
+
+
+def _rows(items: Sequence[ContentWrite] | Sequence[Finish]) -> str:
+    return json.dumps([item.as_json() for item in items], ensure_ascii=False, separators=(",", ":"))
+
+
+async def claim_due(conn: Conn, *, owner: str, lease_seconds: float, limit: int) -> list[Claim]:
+    cur = await conn.execute(
+        q("claim_due"), {"owner": owner, "lease_seconds": lease_seconds, "limit": limit}
+    )
+    rows = await cur.fetchall()
+    claims = [Claim.from_row(r) for r in rows]
+    claims.sort(key=lambda c: (c.priority, c.due or c.lease_started_at))
+    return claims
+
+
+async def next_due(conn: Conn) -> float | None:
+    """Seconds until the earliest waiting delivery is due (<= 0: due now), None if none waits."""
+    cur = await conn.execute(q("next_due"))
+    row = await cur.fetchone()
+    if row is None or row["wait_s"] is None:
+        return None
+    return float(row["wait_s"])
+
+
+async def write_batch(
+    conn: Conn, *, owner: str, contents: Sequence[ContentWrite], finishes: Sequence[Finish]
+) -> tuple[set[str], set[str]]:
+    """Store contents and record outcomes in one transaction (pipelined: one round trip).
+
+    Returns the delivery ids whose fence held, for contents and for finishes.
+    """
+    stored: set[str] = set()
+    finished: set[str] = set()
+    async with conn.transaction():
+        async with conn.pipeline():
+            c_cur = f_cur = None
+            if contents:
+                c_cur = await conn.execute(q("store_content"), {"owner": owner, "rows": _rows(contents)})
+            if finishes:
+                f_cur = await conn.execute(q("finish_attempts"), {"owner": owner, "rows": _rows(finishes)})
+                if any(f.retry_ms == 0 for f in finishes):
+                    # Due again right now: let every instance's scheduler know.
+                    await conn.execute(q("notify_schedule"))
+        if c_cur is not None:
+            stored = {r["delivery_id"] for r in await c_cur.fetchall()}
+        if f_cur is not None:
+            finished = {r["delivery_id"] for r in await f_cur.fetchall()}
+    return stored, finished
+
+
+async def rescue_expired(conn: Conn, *, rescuer: str, limit: int = 500) -> list[dict[str, Any]]:
+    """Put deliveries with an expired lease back on the schedule; returns (delivery_id, instance_id)."""
+    cur = await conn.execute(q("rescue_expired"), {"rescuer": rescuer, "limit": limit})
+    return list(await cur.fetchall())
+
+
+async def notify_schedule(conn: Conn) -> None:
+    await conn.execute(q("notify_schedule"))
+
+
+async def listen_schedule(conn: Conn) -> None:
+    await conn.execute("LISTEN mail_schedule")
+
+
+async def wait_schedule_notify(conn: Conn, within: float) -> int:
+    """Wait up to `within` s for NOTIFY mail_schedule; returns how many arrived (0 or 1)."""
+    count = 0
+    async for _ in conn.notifies(timeout=within, stop_after=1):
+        count += 1
+    return count
