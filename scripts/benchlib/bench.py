@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -117,6 +118,8 @@ class Bench:
 
     def start(self, serve: Serve, name: str) -> subprocess.Popen[bytes] | None:
         serve.start(ready_timeout=60)
+        self._busy0 = harness.machine_busy()
+        self._wall0 = time.time()
         if not self.args.profile:
             return None
         out = Path(self.args.profile) / f"{name}.txt"
@@ -130,7 +133,12 @@ class Bench:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def finish(self, serve: Serve, spy: subprocess.Popen[bytes] | None) -> dict[str, Any]:
+        """Stop the service; its peak RSS, its CPU use and the machine's over the scenario."""
         rss = serve.peak_rss_mb()
+        cpu = serve.cpu_seconds()
+        busy1 = harness.machine_busy()
+        wall = time.time() - self._wall0
+        busy = (busy1[0] - self._busy0[0]) / max(1.0, busy1[1] - self._busy0[1])
         code = serve.stop()
         if spy is not None:
             try:
@@ -142,7 +150,10 @@ class Bench:
                 except subprocess.TimeoutExpired:
                     spy.kill()
                     spy.wait(5)
-        return {"peak_rss_mb": None if rss is None else round(rss, 1), "exit_code": code}
+        return {"peak_rss_mb": None if rss is None else round(rss, 1), "exit_code": code,
+                "service_cpu_s": None if cpu is None else round(cpu, 2),
+                "service_cpu_share": None if cpu is None else round(cpu / max(wall, 1e-3), 3),
+                "machine_busy_share": round(busy, 3)}
 
     def t0(self, serve: Serve) -> float:
         started = serve.event_time("command consumer started")
@@ -345,6 +356,20 @@ class Bench:
         self.redis.close()
 
 
+def override(sizes: Sizes, items: list[str]) -> Sizes:
+    changes: dict[str, Any] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        current = getattr(sizes, name) if hasattr(sizes, name) else None
+        if current is None:
+            raise KeyError(name)
+        if isinstance(current, tuple):
+            changes[name] = tuple(int(v) for v in value.split(","))
+        else:
+            changes[name] = type(current)(value)
+    return dataclasses.replace(sizes, **changes)
+
+
 def shutil_which(name: str) -> str | None:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else shutil.which(name)
@@ -374,7 +399,7 @@ def table(results: dict[str, Any]) -> str:
             add(scn, "deliveries/s (XADD backlog -> 250)", res["deliveries_per_s"], TARGETS["e2e.deliveries_per_s"])
             add(scn, "smtp-source msgs/s (same sink)", res["smtp_source_msgs_per_s"])
             add(scn, f"ratio mailtrio/smtp-source ({res['smtp_source_sessions']} conns)",
-                res["ratio_to_smtp_source"])
+                f"{res['ratio_to_smtp_source']:.3f}")
             add(scn, "sent / sink accepted", f"{res['sent']} / {res['sink_accepted']}")
         elif scn == "latency":
             for load, lr in res.items():
@@ -391,6 +416,8 @@ def table(results: dict[str, Any]) -> str:
                 f"{res['notification_waiting_at_start']} / {res['notification_waiting_at_end']}")
         if "peak_rss_mb" in res:
             add(scn, "peak RSS MiB", res["peak_rss_mb"], TARGETS["rss_mb"])
+            add(scn, "service CPU / machine busy",
+                f"{100 * (res['service_cpu_share'] or 0):.0f}% of a core / {100 * res['machine_busy_share']:.0f}%")
     widths = [max(len(r[i]) for r in [("scenario", "figure", "value", "target"), *rows]) for i in range(4)]
     lines = []
     for r in [("scenario", "figure", "value", "target"), *rows]:
@@ -404,6 +431,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="CI sizes (well under a minute)")
     p.add_argument("--json", help="where to write the JSON result (default: a file in the temp dir)")
     p.add_argument("--scenarios", default="intake,e2e,latency,fairness")
+    p.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one size, e.g. --size e2e=5000 --size loads=100,500 (see Sizes)")
     p.add_argument("--workers", type=int, default=16, help="MAIL_ATTEMPT_WORKER_CONCURRENCY and smtp-source -s")
     p.add_argument("--profile", help="directory for py-spy raw profiles, one per scenario")
     p.add_argument("--admin-dsn", default=harness.ADMIN_DSN, help="PostgreSQL server for the fresh databases")
@@ -421,6 +450,11 @@ def main(argv: list[str]) -> int:
         print(f"unknown scenario(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
     sizes = QUICK if args.quick else FULL
+    try:
+        sizes = override(sizes, args.size)
+    except (KeyError, ValueError) as exc:
+        print(f"bad --size: {exc}", file=sys.stderr)
+        return 2
     bench = Bench(args, sizes)
     started = time.time()
     try:

@@ -77,6 +77,26 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a live process has used so far, in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs since boot; compare two readings for utilisation."""
+    with open("/proc/stat") as f:
+        parts = [float(x) for x in f.readline().split()[1:]]
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0.0)
+    total = sum(parts[:8])
+    return total - idle, total
+
+
 # --- processes -------------------------------------------------------------------------------
 
 
@@ -492,6 +512,9 @@ class Serve:
 
     def peak_rss_mb(self) -> float | None:
         return None if self.proc is None else peak_rss_mb(self.proc.pid)
+
+    def cpu_seconds(self) -> float | None:
+        return None if self.proc is None else cpu_seconds(self.proc.pid)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.alive()
