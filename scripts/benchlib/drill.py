@@ -61,12 +61,15 @@ class Plan:
     smtp_timeout: str
     lease_s: float  # MAIL_SMTP_TIMEOUT + 15 s (CONTRACT §2)
     ladder: str
+    drain_cap: float  # seconds the final drain may take at most
 
 
 FULL = Plan(commands=20_000, rate=800.0, kill_every=(3.0, 6.0), redis_restart_at=8.0, pg_restart_at=16.0,
-            chaos_until=26.0, workers=8, smtp_timeout="3s", lease_s=18.0, ladder="500ms,1s,2s,3s,4s,5s")
+            chaos_until=26.0, workers=8, smtp_timeout="3s", lease_s=18.0, ladder="500ms,1s,2s,3s,4s,5s",
+            drain_cap=1200.0)
 SMALL = Plan(commands=600, rate=150.0, kill_every=(1.5, 2.5), redis_restart_at=1.2, pg_restart_at=2.6,
-             chaos_until=4.0, workers=4, smtp_timeout="3s", lease_s=18.0, ladder="200ms,500ms,1s,2s,3s")
+             chaos_until=4.0, workers=4, smtp_timeout="3s", lease_s=18.0, ladder="200ms,500ms,1s,2s,3s",
+             drain_cap=180.0)
 
 
 class Producer(threading.Thread):
@@ -272,9 +275,10 @@ class Drill:
         # Restart once more and drain.
         for slot in ("a", "b", "c"):
             self.launch(slot, wait=False)
-        drain_bound = p.lease_s + 45.0
-        drained = self.wait_drained(mix, drain_bound)
-        self.event("drain finished" if drained else "drain bound reached", bound_s=drain_bound)
+        stall_bound = p.lease_s + 30.0
+        drained = self.wait_drained(mix, stall_bound, p.drain_cap)
+        self.event("drain finished" if drained else "drain bound reached", stall_bound_s=stall_bound,
+                   cap_s=p.drain_cap)
         self.stop_all_graceful()
         self.procs.stop(self.smtp, timeout=10)
         return self.analyse(mix, producer, drained)
@@ -294,22 +298,34 @@ class Drill:
             self.sigterm_exits.append({"slot": slot, "code": code, "seconds": took})
             self.event("instance stopped", slot=slot, code=code, seconds=took)
 
-    def wait_drained(self, mix: commands.Mix, bound: float) -> bool:
+    def wait_drained(self, mix: commands.Mix, stall_bound: float, cap: float) -> bool:
+        """Wait until every stream entry is acknowledged and every expected delivery is final.
+
+        Bounded twice: give up when nothing has progressed for `stall_bound` seconds (longer than
+        a lease, so rescue of a dead instance's deliveries counts as progress still to come), and
+        after `cap` seconds whatever happens.
+        """
         ids = sorted(mix.expected_ids)
-        deadline = time.monotonic() + bound
+        deadline = time.monotonic() + cap
+        last_progress = time.monotonic()
+        last_seen: tuple[Any, ...] = ()
         restarts_left = [5]
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and time.monotonic() - last_progress < stall_bound:
             self.supervise(restarts_left)
             try:
                 state = harness.group_state(self.redis.client(), STREAM, GROUP)
-                done_rows = harness.query_one(
+                done_rows = int(harness.query_one(
                     self.pg.dsn(), "SELECT count(*) FROM mail.deliveries WHERE delivery_id = ANY(%s) "
-                    "AND status = ANY(%s)", (ids, list(TERMINAL)))
+                    "AND status = ANY(%s)", (ids, list(TERMINAL))))
+                attempts = int(harness.query_one(self.pg.dsn(), "SELECT count(*) FROM mail.attempts"))
             except Exception:
                 time.sleep(0.5)
                 continue
-            if state is not None and state[0] == 0 and state[1] == 0 and int(done_rows) >= len(ids):
+            if state is not None and state[0] == 0 and state[1] == 0 and done_rows >= len(ids):
                 return True
+            seen = (state, done_rows, attempts)
+            if seen != last_seen:
+                last_seen, last_progress = seen, time.monotonic()
             time.sleep(0.5)
         return False
 
