@@ -66,27 +66,39 @@ async def run(
         stream = Stream(settings)
         db = Database(settings.postgres_dsn, settings.postgres_pool_size,
                       application_name=f"mailtrio:{settings.instance_id}")
+        # The startup steps stop at the budget's deadline, or at once on SIGTERM/SIGINT.
+        startup = trio.CancelScope(deadline=trio.current_time() + max(1.0, STARTUP_BUDGET - _process_age()))
+        step = "redis"
         try:
-            budget = max(1.0, STARTUP_BUDGET - _process_age())
-            with trio.fail_after(budget):
-                step = "redis"
-                await stream.ping()
-                _log.info("redis master reachable", addr=f"{settings.redis_host}:{settings.redis_port}")
-                step = "postgres"
-                await db.open()
-                _log.info("postgres pool opened", pool_size=settings.postgres_pool_size)
-                step = "migrations"
-                applied = await db.migrate()
-                _log.info("migrations applied", applied=applied)
-                step = "templates"
-                catalog = load_catalog(settings)
-                _log.info("template catalog parsed", templates=sorted(catalog.template_ids))
-        except trio.TooSlowError:
-            await _close(stream, db, 1.0)
-            raise StartupError(f"startup step {step!r} did not finish within {STARTUP_BUDGET:.0f}s") from None
+            async with trio.open_nursery() as guard:
+
+                async def abort_on_shutdown_request() -> None:
+                    await shutdown_requested.wait()
+                    startup.cancel()
+
+                guard.start_soon(abort_on_shutdown_request)
+                with startup:
+                    await stream.ping()
+                    _log.info("redis master reachable", addr=f"{settings.redis_host}:{settings.redis_port}")
+                    step = "postgres"
+                    await db.open()
+                    _log.info("postgres pool opened", pool_size=settings.postgres_pool_size)
+                    step = "migrations"
+                    applied = await db.migrate()
+                    _log.info("migrations applied", applied=applied)
+                    step = "templates"
+                    catalog = load_catalog(settings)
+                    _log.info("template catalog parsed", templates=sorted(catalog.template_ids))
+                guard.cancel_scope.cancel()
         except BaseException:
             await _close(stream, db, 1.0)
             raise
+        if startup.cancelled_caught:
+            await _close(stream, db, 1.0)
+            if shutdown_requested.is_set():
+                _log.info("startup interrupted by a shutdown request", step=step)
+                return
+            raise StartupError(f"startup step {step!r} did not finish within {STARTUP_BUDGET:.0f}s")
         try:
             await _serve(settings, stream, db, catalog, shutdown_requested, task_status)
         finally:
