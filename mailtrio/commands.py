@@ -1,0 +1,624 @@
+"""Pure validation of command-stream entries (CONTRACT §4): raw entry -> Command | Malformed.
+
+No I/O. `validate()` never raises for anything a producer can put in an entry: field names and
+values arrive as raw bytes (possibly invalid UTF-8, huge, or missing) and every entry ends as
+exactly one `Command` (well-formed, ready to be stored) or one `Malformed` (failure code and a
+human detail, plus the raw entry escaped for storage).
+
+Which code wins when an entry has several problems follows the contract: `unsafe_header` (CR,
+LF or NUL in a header name or value, the subject, or a recipient name or address) is checked
+first, over every part of the payload that was parsed; then `payload_too_large` (an oversized
+payload is never parsed), `invalid_json`, `missing_field`, `invalid_field`, `invalid_locale`,
+`invalid_recipient` and `unknown_template`. `idempotency_conflict` is decided later by the
+database.
+
+A well-formed command also gets its idempotency fingerprint: a SHA-256 over every contract
+field but `traceparent`, with the payload canonicalised (parsed, keys sorted, compact), so the
+same content sent twice with different JSON spacing or key order is a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Any, Final
+
+import langcodes
+from email_validator import EmailNotValidError, validate_email
+
+# -- the contract's limits -------------------------------------------------------------------
+MAX_PAYLOAD_BYTES: Final = 512 * 1024
+MAX_TO: Final = 50
+MAX_SEND_AHEAD: Final = timedelta(days=366)
+SOURCES: Final = ("authsession", "notification")
+MODES: Final = ("template", "rendered")
+REQUIRED_FIELDS: Final = ("delivery_id", "source", "idempotency_key", "payload_mode", "locale", "payload")
+
+FAILURE_CODES: Final = (
+    "invalid_json",
+    "missing_field",
+    "invalid_field",
+    "invalid_locale",
+    "invalid_recipient",
+    "unknown_template",
+    "unsafe_header",
+    "payload_too_large",
+    "idempotency_conflict",
+)
+
+# Stored copies of a malformed entry are bounded: an attacker's 100 MB field is not kept whole.
+RAW_VALUE_LIMIT: Final = 64 * 1024
+RAW_NAME_LIMIT: Final = 1024
+RAW_FIELDS_LIMIT: Final = 256
+# delivery_id / source as recorded on a malformed row and its log line
+RAW_ID_LIMIT: Final = 256
+
+_DELIVERY_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_LOCALE_RE = re.compile(r"[a-z]{2,3}(?:-[A-Z][a-z]{3})?(?:-(?:[A-Z]{2}|[0-9]{3}))?")
+# RFC 3339 date-time with a mandatory offset (`Z` or ±hh:mm); the separator may be T, t or space.
+_RFC3339_RE = re.compile(
+    r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
+)
+# W3C trace context: version-traceid-parentid-flags; future versions may append fields.
+_TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\x00-\x20\x7f]*)?")
+# RFC 5322 field-name: printable US-ASCII except the colon.
+_FIELD_NAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+_ALLOWED_HEADERS: Final = ("list-unsubscribe", "list-unsubscribe-post")
+_UNSAFE_RE = re.compile(r"[\r\n\x00]")
+# `\u0000` in a JSON text that is not itself an escaped backslash followed by "u0000".
+_JSON_NUL_RE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+# Fast path for the common ASCII address; anything else goes through email-validator. The fast
+# path accepts a strict subset of what email-validator accepts and yields the same normalised
+# form (local part kept, domain lower-cased); a property test holds them equal.
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_FAST_ADDR_RE = re.compile(
+    rf"([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?\.)+[A-Za-z]{{2,63}})"
+)
+_CASE_INSENSITIVE_MAILBOXES: Final = frozenset(
+    ("info", "marketing", "sales", "support", "abuse", "noc", "security", "postmaster",
+     "hostmaster", "usenet", "news", "webmaster", "www", "uucp", "ftp")
+)
+_SPECIAL_USE_TLDS: Final = frozenset(("arpa", "invalid", "local", "localhost", "onion", "test"))
+
+
+# -- results ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A well-formed command, ready to be stored as a `queued` delivery."""
+
+    stream_entry_id: str
+    delivery_id: str
+    source: str
+    idempotency_key: str
+    payload_mode: str
+    locale: str
+    template_id: str | None
+    send_at: datetime | None
+    traceparent: str | None
+    # canonical JSON texts (keys sorted, compact) for mail.payloads.payload and deliveries.recipients
+    payload_json: str
+    recipients_json: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A rejected entry: what the malformed-commands quarantine stores and logs."""
+
+    stream_entry_id: str
+    failure_code: str
+    failure_detail: str
+    delivery_id: str | None
+    source: str | None
+    # the raw entry, field -> value, undecodable bytes escaped, long values truncated
+    fields: dict[str, str]
+
+
+Outcome = Command | Malformed
+
+
+class _Reject(Exception):
+    """Internal: the first failure found, turned into a Malformed by `validate`."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def validate(
+    stream_entry_id: str,
+    fields: Mapping[Any, Any] | None,
+    *,
+    now: datetime,
+    has_template: Callable[[str], bool],
+) -> Outcome:
+    """Classify one stream entry. Never raises for any content of `fields`."""
+    try:
+        return _validate(stream_entry_id, fields or {}, now, has_template)
+    except _Reject as exc:
+        return _malformed(stream_entry_id, fields or {}, exc.code, exc.detail)
+    except Exception as exc:  # a bug here must not stop the consumer: quarantine the entry
+        detail = f"entry could not be validated ({type(exc).__name__})"
+        return _malformed(stream_entry_id, fields or {}, "invalid_field", detail)
+
+
+def _validate(
+    entry_id: str, fields: Mapping[Any, Any], now: datetime, has_template: Callable[[str], bool]
+) -> Command:
+    raw = {_as_bytes(k): v for k, v in fields.items()}
+
+    # Parse the payload first (if it can be read at all) so that unsafe_header wins over
+    # every other finding, as the contract requires.
+    payload_raw = raw.get(b"payload")
+    payload_bytes = _as_bytes(payload_raw) if payload_raw is not None else None
+    payload: Any = None
+    payload_error: _Reject | None = None
+    canonical: str | None = None
+    if payload_bytes is not None:
+        if len(payload_bytes) > MAX_PAYLOAD_BYTES:
+            payload_error = _Reject(
+                "payload_too_large",
+                f"payload is {len(payload_bytes)} bytes; the limit is {MAX_PAYLOAD_BYTES} bytes (512 KiB)",
+            )
+        else:
+            try:
+                payload, canonical = _parse_payload(payload_bytes)
+            except _Reject as exc:
+                payload_error = exc
+    if isinstance(payload, dict):
+        _check_unsafe(payload)
+
+    # Entry fields present?
+    for name in REQUIRED_FIELDS:
+        if raw.get(name.encode()) is None:
+            if payload_error is not None:
+                raise payload_error
+            raise _Reject("missing_field", f"required field {name!r} is missing")
+    if payload_error is not None:
+        raise payload_error
+    assert canonical is not None
+    if not isinstance(payload, dict):
+        raise _Reject("invalid_json", f"payload is JSON but not an object (got {_json_type(payload)})")
+
+    payload_mode = _text(raw, "payload_mode")
+    mode = payload_mode if payload_mode in MODES else None
+
+    # Payload keys present?
+    if _absent(payload, "to"):
+        raise _Reject("missing_field", "payload key 'to' is missing")
+    if mode == "template" and _absent(payload, "template_id"):
+        raise _Reject("missing_field", "payload key 'template_id' is missing (payload_mode template)")
+    if mode == "rendered":
+        if _absent(payload, "subject"):
+            raise _Reject("missing_field", "payload key 'subject' is missing (payload_mode rendered)")
+        if _absent(payload, "text") and _absent(payload, "html"):
+            raise _Reject("missing_field", "payload needs 'text' or 'html' (payload_mode rendered)")
+    for rec_key in ("to", "cc", "bcc"):
+        _check_recipient_shapes_present(payload, rec_key)
+    if not _absent(payload, "reply_to"):
+        _check_recipient_present(payload["reply_to"], "payload.reply_to")
+
+    # Entry field values.
+    delivery_id = _text(raw, "delivery_id")
+    if not _DELIVERY_ID_RE.fullmatch(delivery_id):
+        raise _Reject("invalid_field", "delivery_id must be 1-128 characters of [A-Za-z0-9._:-]")
+    source = _text(raw, "source")
+    if source not in SOURCES:
+        raise _Reject("invalid_field", f"source must be 'authsession' or 'notification', got {_show(source)}")
+    key = _text(raw, "idempotency_key")
+    if not 1 <= len(key) <= 200 or not key.isprintable():
+        raise _Reject("invalid_field", "idempotency_key must be 1-200 printable characters")
+    if mode is None:
+        raise _Reject("invalid_field", f"payload_mode must be 'template' or 'rendered', got {_show(payload_mode)}")
+    send_at = _send_at(raw, now)
+    traceparent = _traceparent(raw)
+
+    # Payload values.
+    template_id: str | None = None
+    if mode == "template":
+        template_id = payload["template_id"]
+        if not isinstance(template_id, str) or not template_id.strip():
+            raise _Reject("invalid_field", "payload.template_id must be a non-blank string")
+    else:
+        _content(payload, "subject", required=True)
+        text = _content(payload, "text", required=False)
+        html = _content(payload, "html", required=False)
+        if not text and not html:
+            raise _Reject("invalid_field", "payload needs a non-blank 'text' or 'html'")
+    for rec_key in ("to", "cc", "bcc"):
+        value = payload.get(rec_key)
+        if value is not None and not isinstance(value, list):
+            raise _Reject("invalid_field", f"payload.{rec_key} must be a list of recipients")
+    _check_headers(payload.get("headers"))
+    variables = payload.get("variables")
+    if variables is not None and not isinstance(variables, dict):
+        raise _Reject("invalid_field", "payload.variables must be an object")
+    tags = payload.get("tags")
+    if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
+        raise _Reject("invalid_field", "payload.tags must be a list of strings")
+    if "\\u0000" in canonical and _JSON_NUL_RE.search(canonical):
+        raise _Reject("invalid_field", "payload contains a NUL character (\\u0000), which cannot be stored")
+
+    # Locale.
+    locale = _text(raw, "locale")
+    if not _locale_ok(locale):
+        raise _Reject(
+            "invalid_locale",
+            f"locale {_show(locale)} is not a canonical BCP 47 tag (e.g. en, fr-CA, pt-BR, zh-Hant-TW)",
+        )
+
+    # Recipients.
+    to = payload["to"]
+    if not to:
+        raise _Reject("invalid_recipient", "payload.to must have at least one recipient")
+    if len(to) > MAX_TO:
+        raise _Reject("invalid_recipient", f"payload.to has {len(to)} recipients; at most {MAX_TO} are allowed")
+    recipients = {
+        "to": [_recipient(r, f"payload.to[{i}]") for i, r in enumerate(to)],
+        "cc": [_recipient(r, f"payload.cc[{i}]") for i, r in enumerate(payload.get("cc") or ())],
+        "bcc": [_recipient(r, f"payload.bcc[{i}]") for i, r in enumerate(payload.get("bcc") or ())],
+    }
+    if not _absent(payload, "reply_to"):
+        _recipient(payload["reply_to"], "payload.reply_to")
+
+    # Template.
+    if template_id is not None and not has_template(template_id):
+        raise _Reject("unknown_template", f"template {_show(template_id)} is not in the catalog")
+
+    send_at_c = "" if send_at is None else send_at.astimezone(UTC).isoformat()
+    material = "\x1e".join((delivery_id, source, key, payload_mode, locale, send_at_c, canonical))
+    return Command(
+        stream_entry_id=entry_id,
+        delivery_id=delivery_id,
+        source=source,
+        idempotency_key=key,
+        payload_mode=payload_mode,
+        locale=locale,
+        template_id=template_id,
+        send_at=send_at,
+        traceparent=traceparent,
+        payload_json=canonical,
+        recipients_json=_COMPACT.encode(recipients),
+        fingerprint=hashlib.sha256(material.encode()).hexdigest(),
+    )
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    return str(value).encode("utf-8", "surrogatepass")
+
+
+def _text(raw: Mapping[bytes, Any], name: str) -> str:
+    """The value of an entry field as text; invalid UTF-8 is an invalid field."""
+    value = raw.get(name.encode())
+    if value is None:
+        return ""
+    try:
+        return _as_bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Reject("invalid_field", f"{name} is not valid UTF-8") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+# Built once: json.loads/dumps with options would build a new decoder/encoder on every call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def _parse_payload(data: bytes) -> tuple[Any, str]:
+    """Parse the payload; return it with its canonical JSON text (keys sorted, compact)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Reject("invalid_json", "payload is not valid UTF-8") from None
+    try:
+        value = _DECODER.decode(text)
+    except RecursionError:
+        raise _Reject("invalid_json", "payload is nested too deeply") from None
+    except ValueError as exc:
+        raise _Reject("invalid_json", f"payload is not valid JSON: {_short(str(exc))}") from None
+    try:
+        canonical = _CANONICAL.encode(value)
+        canonical.encode("utf-8")
+    except RecursionError:
+        raise _Reject("invalid_json", "payload is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise _Reject("invalid_json", "payload contains an unpaired UTF-16 surrogate escape") from None
+    return value, canonical
+
+
+def _absent(payload: dict[str, Any], key: str) -> bool:
+    return payload.get(key) is None
+
+
+def _check_unsafe(payload: dict[str, Any]) -> None:
+    """CR, LF or NUL in a header name or value, the subject, or a recipient name or address."""
+    subject = payload.get("subject")
+    if isinstance(subject, str) and _UNSAFE_RE.search(subject):
+        raise _Reject("unsafe_header", f"payload.subject contains {_which_unsafe(subject)}")
+    headers = payload.get("headers")
+    if isinstance(headers, dict):
+        for name, value in headers.items():
+            if _UNSAFE_RE.search(name):
+                raise _Reject("unsafe_header", f"header name {_show(name)} contains {_which_unsafe(name)}")
+            if isinstance(value, str) and _UNSAFE_RE.search(value):
+                raise _Reject("unsafe_header", f"header {_show(name)} contains {_which_unsafe(value)}")
+    for key in ("to", "cc", "bcc"):
+        items = payload.get(key)
+        if isinstance(items, list):
+            for i, item in enumerate(items):
+                _check_unsafe_recipient(item, f"payload.{key}[{i}]")
+        elif items is not None:
+            _check_unsafe_recipient(items, f"payload.{key}")
+    if "reply_to" in payload:
+        _check_unsafe_recipient(payload["reply_to"], "payload.reply_to")
+
+
+def _check_unsafe_recipient(item: Any, where: str) -> None:
+    if isinstance(item, str):
+        if _UNSAFE_RE.search(item):
+            raise _Reject("unsafe_header", f"{where} contains {_which_unsafe(item)}")
+    elif isinstance(item, dict):
+        for part in ("email", "name"):
+            value = item.get(part)
+            if isinstance(value, str) and _UNSAFE_RE.search(value):
+                raise _Reject("unsafe_header", f"{where}.{part} contains {_which_unsafe(value)}")
+
+
+def _which_unsafe(text: str) -> str:
+    found = [label for ch, label in (("\r", "CR"), ("\n", "LF"), ("\x00", "NUL")) if ch in text]
+    return " and ".join(found)
+
+
+def _check_recipient_shapes_present(payload: dict[str, Any], key: str) -> None:
+    items = payload.get(key)
+    if isinstance(items, list):
+        for i, item in enumerate(items):
+            _check_recipient_present(item, f"payload.{key}[{i}]")
+
+
+def _check_recipient_present(item: Any, where: str) -> None:
+    if isinstance(item, dict) and item.get("email") is None:
+        raise _Reject("missing_field", f"{where} has no 'email'")
+
+
+def _content(payload: dict[str, Any], key: str, *, required: bool) -> str:
+    value = payload.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _Reject("invalid_field", f"payload.{key} must be a string")
+    if required and not value.strip():
+        raise _Reject("invalid_field", f"payload.{key} must not be blank")
+    return value.strip()
+
+
+def _check_headers(headers: Any) -> None:
+    if headers is None:
+        return
+    if not isinstance(headers, dict):
+        raise _Reject("invalid_field", "payload.headers must be an object of header name -> string")
+    for name, value in headers.items():
+        if not _FIELD_NAME_RE.fullmatch(name):
+            raise _Reject("invalid_field", f"header name {_show(name)} is not a valid header field name")
+        lowered = name.lower()
+        if not ((lowered.startswith("x-") and len(lowered) > 2) or lowered in _ALLOWED_HEADERS):
+            raise _Reject(
+                "invalid_field",
+                f"header {_show(name)} is not allowed (only X-*, List-Unsubscribe, List-Unsubscribe-Post)",
+            )
+        if not isinstance(value, str):
+            raise _Reject("invalid_field", f"header {_show(name)} must have a string value")
+
+
+def _send_at(raw: Mapping[bytes, Any], now: datetime) -> datetime | None:
+    text = _text(raw, "send_at")
+    if not text:
+        return None
+    m = _RFC3339_RE.fullmatch(text)
+    if not m:
+        raise _Reject("invalid_field", f"send_at {_show(text)} is not an RFC 3339 timestamp with an offset")
+    date, time_, frac, offset = m.groups()
+    iso = f"{date}T{time_}{(frac or '')[:7]}{'+00:00' if offset in ('Z', 'z') else offset}"
+    try:
+        value = datetime.fromisoformat(iso)
+        if value.utcoffset() is None:
+            raise ValueError("no offset")
+        value.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise _Reject("invalid_field", f"send_at {_show(text)} is not a valid date and time") from None
+    try:
+        too_late = value > now + MAX_SEND_AHEAD
+    except OverflowError:
+        too_late = True
+    if too_late:
+        raise _Reject("invalid_field", f"send_at {_show(text)} is more than 366 days ahead")
+    return value
+
+
+def _traceparent(raw: Mapping[bytes, Any]) -> str | None:
+    text = _text(raw, "traceparent")
+    if not text:
+        return None
+    if not valid_traceparent(text):
+        raise _Reject("invalid_field", f"traceparent {_show(text)} is not a valid W3C trace context")
+    return text
+
+
+def valid_traceparent(text: str) -> bool:
+    """W3C Trace Context `traceparent` (version 00, or a later version with optional extra fields)."""
+    m = _TRACEPARENT_RE.fullmatch(text)
+    if not m:
+        return False
+    version, trace_id, span_id, _flags, extra = m.groups()
+    if version == "ff" or (version == "00" and extra is not None):
+        return False
+    return trace_id != "0" * 32 and span_id != "0" * 16
+
+
+@lru_cache(maxsize=4096)
+def _locale_ok(tag: str) -> bool:
+    """Canonical BCP 47 in the catalog's shape: language[-Script][-REGION], registered subtags."""
+    if not _LOCALE_RE.fullmatch(tag):
+        return False
+    try:
+        return bool(langcodes.tag_is_valid(tag)) and langcodes.standardize_tag(tag) == tag
+    except (ValueError, LookupError):
+        return False
+
+
+def _recipient(item: Any, where: str) -> dict[str, str | None]:
+    """`"addr"` or `{"email": "addr", "name": "Name"}` -> {"email", "name"}; email normalised."""
+    email: Any
+    name: Any
+    if isinstance(item, str):
+        email, name = item, None
+    elif isinstance(item, dict):
+        email, name = item.get("email"), item.get("name")
+        if not isinstance(email, str):
+            raise _Reject("invalid_field", f"{where}.email must be a string")
+        if name is not None and not isinstance(name, str):
+            raise _Reject("invalid_field", f"{where}.name must be a string")
+    else:
+        raise _Reject("invalid_field", f"{where} must be an address string or an object with 'email'")
+    normalized = normalize_address(email)
+    if normalized is None:
+        raise _Reject("invalid_recipient", f"{where} {_show(email)} is not a valid email address")
+    return {"email": normalized, "name": name}
+
+
+def normalize_address(address: str) -> str | None:
+    """The normalised form of an email address, or None when it does not parse."""
+    fast = _fast_address(address)
+    if fast is not None:
+        return fast
+    return _slow_address(address)
+
+
+def _fast_address(address: str) -> str | None:
+    if len(address) > 254:
+        return None
+    m = _FAST_ADDR_RE.fullmatch(address)
+    if not m:
+        return None
+    local, domain = m.groups()
+    domain_l = domain.lower()
+    if (
+        len(domain) > 253
+        or "--" in domain
+        or local.lower() in _CASE_INSENSITIVE_MAILBOXES
+        or domain_l.rpartition(".")[2] in _SPECIAL_USE_TLDS
+    ):
+        return None
+    return f"{local}@{domain_l}"
+
+
+@lru_cache(maxsize=8192)
+def _slow_address(address: str) -> str | None:
+    try:
+        result = validate_email(
+            address, check_deliverability=False, globally_deliverable=False, test_environment=True
+        )
+    except (EmailNotValidError, ValueError, UnicodeError):
+        return None
+    return str(result.normalized)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _short(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value quoted for a failure detail: control characters escaped, bounded length."""
+    text = value if isinstance(value, str) else str(value)
+    shown = repr(text[:limit])
+    return shown if len(text) <= limit else shown + "…"
+
+
+# -- malformed records -----------------------------------------------------------------------------
+def escape_bytes(value: Any, limit: int) -> str:
+    """Raw bytes as storable text: UTF-8 decoded, invalid bytes as \\xNN, NUL as \\x00, bounded."""
+    data = _as_bytes(value)
+    text = data[: limit * 4 + 4].decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+    if len(text) > limit or len(data) > limit * 4 + 4:
+        text = f"{text[:limit]}…[truncated, {len(data)} bytes]"
+    return text
+
+
+def raw_fields(fields: Mapping[Any, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for i, (name, value) in enumerate(fields.items()):
+        if i >= RAW_FIELDS_LIMIT:
+            out["…"] = f"[{len(fields) - RAW_FIELDS_LIMIT} more fields not kept]"
+            break
+        out[escape_bytes(name, RAW_NAME_LIMIT)] = escape_bytes(b"" if value is None else value, RAW_VALUE_LIMIT)
+    return out
+
+
+def _malformed(entry_id: str, fields: Mapping[Any, Any], code: str, detail: str) -> Malformed:
+    raw = {_as_bytes(k): v for k, v in fields.items()}
+
+    def ident(name: str) -> str | None:
+        value = raw.get(name.encode())
+        return None if value is None else escape_bytes(value, RAW_ID_LIMIT)
+
+    return Malformed(
+        stream_entry_id=entry_id,
+        failure_code=code,
+        failure_detail=detail.replace("\x00", "\\x00"),
+        delivery_id=ident("delivery_id"),
+        source=ident("source"),
+        fields=raw_fields(fields),
+    )
+
+
+def conflict(command: Command, detail: str, fields: Mapping[Any, Any]) -> Malformed:
+    """An otherwise well-formed command that the idempotency reservations reject."""
+    return Malformed(
+        stream_entry_id=command.stream_entry_id,
+        failure_code="idempotency_conflict",
+        failure_detail=detail,
+        delivery_id=command.delivery_id,
+        source=command.source,
+        fields=raw_fields(fields),
+    )
