@@ -172,3 +172,18 @@ def insert_reservation(conn: psycopg.Connection[Any], *, expires_at: datetime,
 def status_of(conn: psycopg.Connection[Any], delivery_id: str) -> str | None:
     row = conn.execute("SELECT status FROM mail.deliveries WHERE delivery_id = %s", (delivery_id,)).fetchone()
     return None if row is None else str(row["status"])
+
+
+def settings_for(dsn: str, **env: str) -> Any:
+    """Settings of an in-process service on `dsn` (stub mode, the sample catalog)."""
+    from mailtrio.config import Settings
+    from tests.support.serve import TEMPLATES
+
+    return Settings.from_env({
+        "MAIL_REDIS_MASTER_ADDR": "127.0.0.1:6379",
+        "MAIL_POSTGRES_PRIMARY_DSN": dsn,
+        "MAIL_TEMPLATE_DIR": str(TEMPLATES),
+        "MAIL_SMTP_MODE": "stub",
+        "MAIL_INSTANCE_ID": "api-test",
+        **env,
+    })
