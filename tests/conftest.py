@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -74,3 +75,20 @@ def service_env(database: str, stream_key: str) -> dict[str, str]:
         MAIL_INSTANCE_ID=f"test-{uuid.uuid4().hex[:8]}",
         MAIL_LOG_LEVEL="info",
     )
+
+
+@pytest.fixture(scope="session")
+def metric_reader() -> Iterator[Any]:
+    """The in-memory OpenTelemetry metric reader of this test process.
+
+    `telemetry.setup` installs the global providers, which can be done once per process: every
+    test that reads metrics in-process shares this reader (compare values before and after).
+    """
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from mailtrio import telemetry
+
+    reader = InMemoryMetricReader()
+    installed = telemetry.setup("test-process", env={}, extra_readers=[reader])
+    yield reader
+    installed.shutdown()
