@@ -1,14 +1,55 @@
-"""The only module that imports redis: the command stream client."""
+"""The only module that imports redis: the command stream client.
+
+`Stream` wraps the consumer-group commands the intake needs. Every call runs under a Trio
+deadline; redis-py's own retries are off, so every failure surfaces to the caller, which decides
+how to back off (the consumer re-reads its own pending entries after any failure, so nothing read
+but not acknowledged is forgotten). A missing consumer group (`NOGROUP`: the stream key was
+deleted, or Redis restarted without persistence) is re-created at ID 0 with MKSTREAM and the
+call is retried once.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import redis
 import redis.asyncio as aioredis
 import trio
-from redis.exceptions import RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
 
-from mailtrio import bridge
+from mailtrio import bridge, log
 from mailtrio.config import Settings
 from mailtrio.store import StartupError
+
+_log = log.get("mailtrio.stream")
+T = TypeVar("T")
+
+# Errors of the Redis client worth retrying after a pause (connection reset, restart, CLIENT
+# KILL, LOADING, READONLY after a failover, our own deadlines).
+StreamError: tuple[type[BaseException], ...] = (RedisError, OSError, trio.TooSlowError)
+
+# One entry as read: its ID and its fields (raw bytes). Fields are None for an entry that was
+# deleted from the stream while it was pending.
+Entry = tuple[str, dict[bytes, bytes] | None]
+
+# Bound on one non-blocking call (connect + command + reply).
+CALL_TIMEOUT = 10.0
+
+
+def _id(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entries(raw: Any) -> list[Entry]:
+    out: list[Entry] = []
+    for entry_id, fields in raw or ():
+        if entry_id is None:
+            continue
+        out.append((_id(entry_id), fields or None))
+    return out
 
 
 class Stream:
@@ -26,6 +67,7 @@ class Stream:
             socket_timeout=None,
             health_check_interval=0,
             client_name=f"mailtrio:{settings.instance_id}",
+            retry=Retry(NoBackoff(), 0),
         )
 
     async def ping(self, *, within: float = 5.0) -> None:
@@ -41,3 +83,104 @@ class Stream:
         with trio.move_on_after(within) as scope:
             scope.shield = True
             await bridge.call(self.client.aclose)
+
+    # -- consumer group ------------------------------------------------------------------------
+    async def ensure_group(self) -> bool:
+        """Create the consumer group at ID 0 (MKSTREAM) unless it exists; True when created."""
+        try:
+            with trio.fail_after(CALL_TIMEOUT):
+                await bridge.call(self.client.xgroup_create, self.name, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if str(exc).startswith("BUSYGROUP"):
+                return False
+            raise
+        _log.info("consumer group created", stream=self.name, group=self.group, start_id="0")
+        return True
+
+    async def _grouped(self, fn: Callable[[], Awaitable[T]], within: float) -> T:
+        """Run one group command; on NOGROUP re-create the group and try once more."""
+        try:
+            with trio.fail_after(within):
+                return await bridge.call(fn)
+        except ResponseError as exc:
+            if not str(exc).startswith("NOGROUP"):
+                raise
+            _log.warning("consumer group missing; re-creating it", stream=self.name, group=self.group)
+            await self.ensure_group()
+            with trio.fail_after(within):
+                return await bridge.call(fn)
+
+    async def read_new(self, count: int, block: float) -> list[Entry]:
+        """XREADGROUP `>`: up to `count` never-delivered entries, waiting at most `block` seconds."""
+
+        async def _read() -> Any:
+            return await self.client.xreadgroup(
+                self.group, self.consumer, {self.name: ">"}, count=count, block=max(1, int(block * 1000))
+            )
+
+        reply = await self._grouped(_read, block + CALL_TIMEOUT)
+        return _entries(reply[0][1]) if reply else []
+
+    async def read_pending(self, after: str, count: int) -> list[Entry]:
+        """XREADGROUP from `after`: this consumer's own pending entries (delivered, not acked)."""
+
+        async def _read() -> Any:
+            return await self.client.xreadgroup(self.group, self.consumer, {self.name: after}, count=count)
+
+        reply = await self._grouped(_read, CALL_TIMEOUT)
+        return _entries(reply[0][1]) if reply else []
+
+    async def claim(self, min_idle: float, cursor: str, count: int) -> tuple[str, list[Entry], list[str]]:
+        """XAUTOCLAIM entries pending longer than `min_idle` seconds on any consumer of the group.
+
+        Returns the next cursor ("0-0" when the sweep is complete), the claimed entries (now
+        pending on this consumer) and the IDs of pending entries that no longer exist (Redis
+        removes those from the pending list itself)."""
+
+        async def _claim() -> Any:
+            return await self.client.xautoclaim(
+                self.name, self.group, self.consumer, max(1, int(min_idle * 1000)), cursor, count=count
+            )
+
+        reply = await self._grouped(_claim, CALL_TIMEOUT)
+        next_cursor = _id(reply[0])
+        deleted = [_id(x) for x in reply[2]] if len(reply) > 2 and reply[2] else []
+        return next_cursor, _entries(reply[1]), deleted
+
+    async def ack(self, ids: Sequence[str]) -> int:
+        """XACK all `ids` in one call."""
+        if not ids:
+            return 0
+        with trio.fail_after(CALL_TIMEOUT):
+            return int(await bridge.call(self.client.xack, self.name, self.group, *ids))
+
+    # -- producing -----------------------------------------------------------------------------
+    async def add(self, fields: Mapping[Any, Any]) -> str:
+        """XADD one entry; returns its ID."""
+        with trio.fail_after(CALL_TIMEOUT):
+            return _id(await bridge.call(self.client.xadd, self.name, dict(fields)))
+
+
+def add_entry(
+    host: str,
+    port: int,
+    fields: Mapping[Any, Any],
+    *,
+    stream: str,
+    db: int = 0,
+    password: str | None = None,
+    timeout: float = 10.0,
+) -> str:
+    """XADD one entry with a short-lived synchronous client (the `mailtrio enqueue` helper)."""
+    client = redis.Redis(
+        host=host,
+        port=port,
+        db=db,
+        password=password or None,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+    )
+    try:
+        return _id(client.xadd(stream, dict(fields)))
+    finally:
+        client.close()

@@ -120,6 +120,17 @@ async def drain(consumer: Consumer, *, block: float = 0.05, limit: int = 200) ->
     raise AssertionError(f"the stream did not drain in {limit} steps")
 
 
+async def eventually(predicate: Any, *, within: float = 20.0, step: float = 0.05, what: str = "") -> None:
+    """Poll `predicate()` until true; fail after `within` seconds."""
+    import trio
+
+    for _ in range(int(within / step) + 1):
+        if predicate():
+            return
+        await trio.sleep(step)
+    raise AssertionError(f"condition not met within {within}s: {what or predicate}")
+
+
 class Tables:
     """Synchronous reads of the outcome tables of one test database."""
 
@@ -128,7 +139,8 @@ class Tables:
 
     def rows(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
         with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as conn:
-            return conn.execute(sql, params).fetchall()
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description is not None else []
 
     def one(self, sql: str, params: Any = None) -> Any:
         rows = self.rows(sql, params)

@@ -1,0 +1,104 @@
+-- The command consumer (CONTRACT §4): one transaction per stream batch, multi-row statements.
+-- A batch travels as one JSON parameter, an array of row arrays (%(rows)s, read with
+-- jsonb_array_elements and ->> by position): one C-speed encode on each side, where psycopg's
+-- per-column arrays cost far more in Python than the statement itself. Rows are handled in key order so that two
+-- consumers committing overlapping batches take their row locks in the same order.
+
+-- name: intake_reserve
+-- Take the idempotency reservation of each command, or take over one that has expired. A row
+-- comes back only for a reservation taken here; a live reservation (committed by another
+-- command, or by a concurrent transaction we waited for) stays untouched and returns nothing.
+INSERT INTO mail.idempotency_reservations AS r
+    (source, idempotency_key, delivery_id, fingerprint, created_at, expires_at)
+SELECT c.source, c.idempotency_key, c.delivery_id, c.fingerprint, now(), now() + %(ttl)s::interval
+FROM (SELECT e ->> 0 AS source, e ->> 1 AS idempotency_key, e ->> 2 AS delivery_id, e ->> 3 AS fingerprint
+      FROM jsonb_array_elements(%(rows)s::jsonb) AS e) AS c
+ORDER BY c.source, c.idempotency_key
+ON CONFLICT (source, idempotency_key) DO UPDATE
+SET delivery_id = excluded.delivery_id,
+    fingerprint = excluded.fingerprint,
+    created_at = excluded.created_at,
+    expires_at = excluded.expires_at
+WHERE r.expires_at <= now()
+RETURNING r.source, r.idempotency_key;
+
+-- name: intake_reservations_get
+-- The live reservations of the keys this batch could not take.
+SELECT r.source, r.idempotency_key, r.delivery_id, r.fingerprint
+FROM mail.idempotency_reservations r
+JOIN (SELECT e ->> 0 AS source, e ->> 1 AS idempotency_key
+      FROM jsonb_array_elements(%(rows)s::jsonb) AS e) AS c
+  ON r.source = c.source AND r.idempotency_key = c.idempotency_key;
+
+-- name: intake_insert_deliveries
+-- New queued deliveries and their payloads in one statement. A delivery_id that already exists
+-- is skipped (the caller turns it into a duplicate or a conflict); payloads are stored only for
+-- the deliveries inserted here. next_attempt_at = schedule_entered_at = max(now, send_at).
+WITH c AS (
+    SELECT e ->> 0 AS delivery_id, e ->> 1 AS source, e ->> 2 AS idempotency_key, e ->> 3 AS payload_mode,
+           e ->> 4 AS template_id, e ->> 5 AS locale, (e ->> 6)::jsonb AS recipients,
+           (e ->> 7)::timestamptz AS send_at, e ->> 8 AS message_id, e ->> 9 AS traceparent,
+           e ->> 10 AS stream_entry_id, e ->> 11 AS payload
+    FROM jsonb_array_elements(%(rows)s::jsonb) AS e
+), d AS (
+    INSERT INTO mail.deliveries
+        (delivery_id, source, idempotency_key, status, payload_mode, template_id, locale, recipients,
+         recipient_emails, send_at, next_attempt_at, schedule_entered_at, message_id, traceparent,
+         stream_entry_id)
+    SELECT c.delivery_id, c.source, c.idempotency_key, 'queued', c.payload_mode, c.template_id, c.locale,
+           c.recipients,
+           ARRAY(SELECT lower(e ->> 'email')
+                 FROM jsonb_array_elements((c.recipients -> 'to') || (c.recipients -> 'cc')
+                                           || (c.recipients -> 'bcc')) AS e),
+           c.send_at, greatest(now(), c.send_at), greatest(now(), c.send_at), c.message_id, c.traceparent,
+           c.stream_entry_id
+    FROM c
+    ORDER BY c.delivery_id
+    ON CONFLICT (delivery_id) DO NOTHING
+    RETURNING delivery_id
+), p AS (
+    INSERT INTO mail.payloads (delivery_id, payload)
+    SELECT c.delivery_id, c.payload::jsonb FROM c JOIN d ON d.delivery_id = c.delivery_id
+)
+SELECT delivery_id FROM d;
+
+-- name: intake_delivery_owners
+-- Who owns the delivery ids this batch could not insert.
+SELECT delivery_id, source, idempotency_key, stream_entry_id
+FROM mail.deliveries WHERE delivery_id = ANY(%(delivery_ids)s::text[]);
+
+-- name: intake_release_reservations
+-- Give back reservations taken in this transaction for commands that turned out to conflict.
+DELETE FROM mail.idempotency_reservations r
+USING (SELECT e ->> 0 AS source, e ->> 1 AS idempotency_key, e ->> 2 AS delivery_id, e ->> 3 AS fingerprint
+       FROM jsonb_array_elements(%(rows)s::jsonb) AS e) AS c
+WHERE r.source = c.source AND r.idempotency_key = c.idempotency_key
+  AND r.delivery_id = c.delivery_id AND r.fingerprint = c.fingerprint;
+
+-- name: intake_insert_malformed
+-- Quarantine rows; a stream entry redelivered after a crash between commit and XACK is recorded
+-- once (unique stream_entry_id). Returns the entries recorded now.
+INSERT INTO mail.malformed_commands
+    (failure_code, failure_detail, stream_entry_id, delivery_id, source, fields)
+SELECT m.failure_code, m.failure_detail, m.stream_entry_id, m.delivery_id, m.source, m.fields
+FROM (SELECT e ->> 0 AS failure_code, e ->> 1 AS failure_detail, e ->> 2 AS stream_entry_id,
+             e ->> 3 AS delivery_id, e ->> 4 AS source, e -> 5 AS fields
+      FROM jsonb_array_elements(%(rows)s::jsonb) AS e) AS m
+ORDER BY m.stream_entry_id
+ON CONFLICT (stream_entry_id) DO NOTHING
+RETURNING stream_entry_id;
+
+-- name: intake_prior_outcomes
+-- For redelivered entries (read again from a pending list): those whose outcome is already
+-- committed, as a quarantine row or as the delivery they created.
+WITH c AS (
+    SELECT e ->> 0 AS delivery_id, e ->> 1 AS stream_entry_id FROM jsonb_array_elements(%(rows)s::jsonb) AS e
+)
+SELECT m.stream_entry_id FROM mail.malformed_commands m JOIN c ON m.stream_entry_id = c.stream_entry_id
+UNION
+SELECT d.stream_entry_id FROM mail.deliveries d
+JOIN c ON d.delivery_id = c.delivery_id AND d.stream_entry_id = c.stream_entry_id;
+
+-- name: intake_notify_schedule
+-- Wake the scheduler (it LISTENs on mail_schedule); delivered at commit.
+SELECT pg_notify('mail_schedule', '');
