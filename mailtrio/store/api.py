@@ -134,12 +134,8 @@ async def list_deliveries(
 
 
 def _headers_json(value: Any) -> dict[str, str]:
-    """Stored headers as one object, whether kept as an object or as [name, value] pairs."""
-    if isinstance(value, dict):
-        return {str(k): str(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return {str(pair[0]): str(pair[1]) for pair in value if isinstance(pair, list | tuple) and len(pair) == 2}
-    return {}
+    """The stored extra headers (an object, name -> value; none stored: empty)."""
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True)

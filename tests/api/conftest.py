@@ -134,7 +134,8 @@ def insert_dead_letter(conn: psycopg.Connection[Any], delivery_id: str, reason: 
 def insert_payload(conn: psycopg.Connection[Any], delivery_id: str, *, rendered: bool,
                    subject: str = "Hello", text: str | None = "Hi there", html: str | None = None,
                    headers: dict[str, str] | None = None) -> None:
-    payload = {"template_id": "newsletter", "to": ["someone@example.com"], "variables": {"name": "Ada"}}
+    payload = {"template_id": "newsletter", "to": ["someone@example.com"],
+               "variables": {"title": "Spring news", "intro": "Hello Ada"}}
     if rendered:
         conn.execute(
             "INSERT INTO mail.payloads (delivery_id, payload, subject, text_body, html_body, headers, rendered_at) "

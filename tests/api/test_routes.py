@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -356,3 +357,45 @@ def test_schedule_summary(served: ServeProcess, sql: Conn) -> None:
                                  "failed": 1, "dead_letter": 1, "cancelled": 0}
     ten_minutes = 10 * 60 * 1000
     assert ten_minutes <= body["oldest_age_ms"] < ten_minutes + 60_000
+
+
+def _wait_status(proc: ServeProcess, delivery_id: str, wanted: str) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for _ in range(150):
+        status, body = get(proc, f"/deliveries/{delivery_id}")
+        assert status == 200, body
+        if body["status"] == wanted:
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"{delivery_id} stayed {body.get('status')}, expected {wanted}")
+
+
+def test_retried_dead_letter_and_failed_delivery_are_then_sent(served: ServeProcess, sql: Conn) -> None:
+    """The engine (stub provider: a notification ends `sent`) picks retried deliveries up at once."""
+    dead = insert_delivery(sql, status="dead_letter", status_reason="connection refused", attempt_count=5,
+                           ladder_step=5)
+    insert_payload(sql, dead, rendered=True, subject="Spring news", text="Hello Ada")
+    for n in range(1, 6):
+        insert_attempt(sql, dead, n, "transport_failed", "connection refused")
+    insert_dead_letter(sql, dead, "connection refused")
+    # failed before rendering: retried as queued, rendered from the catalog on its next attempt
+    failed = insert_delivery(sql, status="failed", status_reason="render_failed: catalog was missing")
+    insert_payload(sql, failed, rendered=False)
+
+    for did in (dead, failed):
+        status, body = served.http("POST", f"{API}/deliveries/{did}/retry")
+        assert status == 202, body
+
+    sent = _wait_status(served, dead, "sent")
+    assert sent["dead_letter"] is None and sent["status_reason"] is None
+    assert sent["attempts"][-1]["provider_summary"] == "stub"
+    assert sent["attempt_count"] == 6
+    assert [a["status"] for a in sent["attempts"]] == ["transport_failed"] * 5 + ["provider_accepted"]
+    assert sent["message_id"] == f"<{dead}.test@example.com>"
+    assert sql.execute("SELECT count(*) AS n FROM mail.dead_letters").fetchone() == {"n": 0}
+
+    _wait_status(served, failed, "sent")
+    status, content = get(served, f"/deliveries/{failed}/content")
+    assert status == 200, content
+    assert content["subject"] == "Spring news"
+    assert "Hello Ada" in content["text"]
