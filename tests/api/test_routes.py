@@ -216,15 +216,10 @@ def test_retry_puts_dead_letter_and_failed_back_on_the_schedule(served: ServePro
     assert body["dead_letter"] is None
     assert body["attempt_count"] == 6
     assert len(body["attempts"]) == 1
-    row = sql.execute(
-        "SELECT status, ladder_step, next_attempt_at, schedule_entered_at, "
-        "(SELECT count(*) FROM mail.dead_letters WHERE delivery_id = d.delivery_id) AS dl "
-        "FROM mail.deliveries d WHERE delivery_id = %s", (dead,)).fetchone()
-    assert row is not None
-    assert row["status"] == "rendered" and row["ladder_step"] == 0 and row["dl"] == 0
-    slack = timedelta(seconds=1)
-    assert before - slack <= row["next_attempt_at"] <= datetime.now(UTC) + slack
-    assert row["schedule_entered_at"] == row["next_attempt_at"]
+    # the answer is the delivery as the retry left it (the running engine may claim it right after)
+    due = datetime.fromisoformat(body["next_attempt_at"])
+    assert before - timedelta(seconds=1) <= due <= datetime.now(UTC) + timedelta(seconds=1)
+    assert sql.execute("SELECT count(*) AS n FROM mail.dead_letters").fetchone() == {"n": 0}
 
     # no stored content: back to queued (rendered again on its next attempt)
     status, body = served.http("POST", f"{API}/deliveries/{failed}/retry")
