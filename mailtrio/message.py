@@ -41,6 +41,7 @@ class ContentError(ValueError):
 _HEADER_NAME_RE = re.compile(r"^X-[A-Za-z0-9][A-Za-z0-9-]*$")
 _ALLOWED_NAMED = {"list-unsubscribe": "List-Unsubscribe", "list-unsubscribe-post": "List-Unsubscribe-Post"}
 _UNSAFE = re.compile(r"[\r\n\0]")
+_UNSAFE_ADDRESS = re.compile(r"[\x00-\x20<>\x7f]")
 _MAX_LINE = 76  # body lines longer than this go quoted-printable
 _FOLD_AT = 78
 
@@ -98,7 +99,7 @@ class Content:
 
 @dataclass(frozen=True)
 class Addressing:
-    sender: str  # MAIL_SMTP_FROM: `Name <addr>` or `addr`
+    sender: Address  # MAIL_SMTP_FROM, parsed once: `Name <addr>` or `addr`
     to: Sequence[Address]
     cc: Sequence[Address] = ()
     bcc: Sequence[Address] = ()
@@ -106,7 +107,7 @@ class Addressing:
 
     def validate(self) -> None:
         for addr in (*self.to, *self.cc, *self.bcc, *([self.reply_to] if self.reply_to else [])):
-            if not addr.email or "@" not in addr.email:
+            if not addr.email or "@" not in addr.email or _UNSAFE_ADDRESS.search(addr.email):
                 raise ContentError(f"invalid address {addr.email!r}")
             if _UNSAFE.search(addr.email) or _UNSAFE.search(addr.name):
                 raise ContentError("CR, LF or NUL in an address")
@@ -114,7 +115,7 @@ class Addressing:
             raise ContentError("no recipient")
 
     def envelope_sender(self) -> str:
-        return parseaddr(self.sender)[1]
+        return wire_address(self.sender.email)
 
     def envelope_recipients(self) -> list[str]:
         """To, Cc and Bcc addresses, each once (case-insensitively), in that order."""
@@ -127,8 +128,9 @@ class Addressing:
                 out.append(wire_address(addr.email))
         return out
 
-    def needs_smtputf8(self) -> bool:
-        return not all(a.isascii() for a in (self.envelope_sender(), *self.envelope_recipients()))
+    def needs_smtputf8(self, recipients: Sequence[str] | None = None) -> bool:
+        rcpts = self.envelope_recipients() if recipients is None else recipients
+        return not (self.envelope_sender().isascii() and all(a.isascii() for a in rcpts))
 
 
 def wire_address(email: str) -> str:
@@ -209,7 +211,7 @@ def build(addressing: Addressing, content: Content, *, message_id: str, date: da
     """The RFC 5322 message for one attempt (identical on every attempt but for `Date`)."""
     out = [
         b"Date: " + format_datetime(date).encode("ascii") + b"\r\n",
-        _address_header("From", [Address.from_value(addressing.sender)]),
+        _address_header("From", [addressing.sender]),
         _address_header("To", addressing.to),
     ]
     if addressing.cc:

@@ -24,7 +24,7 @@ from mailtrio import bridge, log, telemetry
 from mailtrio.config import Settings
 from mailtrio.store import Conn, Database
 from mailtrio.store import engine as store
-from mailtrio.workers import Job, WorkerPool, release
+from mailtrio.workers import Job, Prepared, WorkerPool, release
 
 _log = log.get("mailtrio.scheduler")
 
@@ -33,6 +33,9 @@ RESCUE_INTERVAL = 2.0
 ACTIVITY_LOG_INTERVAL = 60.0
 # Upper bound on one claim (the pool size bounds it first).
 MAX_CLAIM = 500
+# Claims in flight at once: each one's commit waits for a WAL flush; overlapping them lets one
+# flush serve several (PostgreSQL's group commit) while workers keep turning over.
+CONCURRENT_CLAIMS = 3
 # Bound on one scheduler query.
 QUERY_TIMEOUT = 15.0
 # A claim is shielded from cancellation (so a claim that committed is never lost to a shutdown,
@@ -61,10 +64,19 @@ class Scheduler:
         self._wake = trio.Event()
         self._listening = False
         pool.on_retry_scheduled = self._retry_scheduled
+        # claim bookkeeping: idle workers promised to claims in flight, claims in flight
+        self._capacity = trio.Event()
+        self._reserved = 0
+        self._inflight = 0
+        self._drained = False
+        self._error = False
+        pool.on_idle_change = self._capacity_changed
         # counters since the last activity line
         self.claimed = 0
         self.rescued = 0
         self.released = 0
+        self.render_failures = 0
+        self.claimed_short = False
 
     # -- wake-ups ------------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -99,75 +111,136 @@ class Scheduler:
         """One rescue and one claim round for `limit` (default: idle workers); returns counts."""
         rescued = await self.rescue_once()
         n = limit if limit is not None else self.pool.idle
-        claims = await self.claim(n) if n > 0 else []
-        await self._dispatch(claims)
-        return {"rescued": rescued, "claimed": len(claims)}
+        jobs = await self.claim(n) if n > 0 else []
+        await self._dispatch(jobs)
+        return {"rescued": rescued, "claimed": len(jobs)}
 
     # -- claiming -------------------------------------------------------------------------------------
-    async def claim(self, limit: int) -> list[store.Claim]:
+    async def claim(self, limit: int) -> list[Job]:
+        """Claim up to `limit` due deliveries, rendered and stored in the claim's own commit."""
         limit = max(0, min(limit, MAX_CLAIM))
         if limit == 0:
             return []
-        owner, lease = self.owner, self.settings.lease_seconds
+        owner, lease, prepare = self.owner, self.settings.lease_seconds, self.pool.prepare_claims
 
-        async def _claim(conn: Conn) -> list[store.Claim]:
-            return await store.claim_due(conn, owner=owner, lease_seconds=lease, limit=limit)
+        async def _claim(conn: Conn) -> Prepared:
+            return await store.claim_batch(conn, owner=owner, lease_seconds=lease, limit=limit, prepare=prepare)
 
         with trio.CancelScope(shield=True), trio.fail_after(CLAIM_TIMEOUT):
-            claims = await self.db.run(_claim)
-        self.claimed += len(claims)
-        return claims
+            prepared = await self.db.run(_claim)
+        self.claimed += len(prepared.jobs) + len(prepared.failures)
+        self.render_failures += len(prepared.failures)
+        self.claimed_short = len(prepared.jobs) + len(prepared.failures) < limit
+        return prepared.jobs
 
     async def next_due(self) -> float | None:
         with trio.fail_after(QUERY_TIMEOUT):
             return await self.db.run(store.next_due)
 
-    async def _claim_loop(self) -> None:
-        backoff = ERROR_BACKOFF[0]
-        while True:
-            idle = await self.pool.wait_idle()
-            # Reset before claiming: a wake-up that arrives during the round is kept for the next.
-            self._wake = trio.Event()
-            try:
-                claims = await self.claim(idle)
-                await self._dispatch(claims)
-                if len(claims) == min(idle, MAX_CLAIM):
-                    backoff = ERROR_BACKOFF[0]
-                    continue  # every idle worker got one: more may be due
-                wait = await self.next_due()
-                backoff = ERROR_BACKOFF[0]
-            except Exception as exc:
-                _log.warning("scheduler claim round failed", error=_one_line(exc), retry_in_s=backoff)
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, ERROR_BACKOFF[1])
-                continue
-            timeout = POLL_INTERVAL if wait is None else min(POLL_INTERVAL, max(wait, MIN_SLEEP))
-            with trio.move_on_after(timeout):
-                await self._wake.wait()
+    def _capacity_changed(self) -> None:
+        self._capacity.set()
 
-    async def _dispatch(self, claims: list[store.Claim]) -> None:
-        claimed_at = trio.current_time()
+    async def _wait_capacity(self) -> int:
+        """Wait until idle workers without a claim on their way justify a claim.
+
+        With no claim in flight any idle worker does (lowest latency). Further claims overlap the
+        first one only for a fair share of the pool, so that under load claims stay large: every
+        claim costs a commit, and large claims keep that cost per delivery small.
+        """
+        share = max(1, self.pool.size // CONCURRENT_CLAIMS)
+        while True:
+            available = min(self.pool.idle - self._reserved, MAX_CLAIM)
+            if available > 0 and (
+                self._inflight == 0 or (self._inflight < CONCURRENT_CLAIMS and available >= share)
+            ):
+                return available
+            await self._capacity.wait()
+            self._capacity = trio.Event()
+
+    async def _claim_loop(self) -> None:
+        """Start claims for idle workers, up to CONCURRENT_CLAIMS at once (their commits overlap);
+        when a claim comes back short, the schedule is drained: sleep until woken or due."""
+        backoff = ERROR_BACKOFF[0]
+        async with trio.open_nursery() as nursery:
+            while True:
+                available = await self._wait_capacity()
+                if self._error:
+                    self._error = False
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, ERROR_BACKOFF[1])
+                    continue
+                if self._drained:
+                    try:
+                        wait = await self.next_due()
+                    except Exception as exc:
+                        _log.warning("scheduler next-due query failed", error=_one_line(exc))
+                        wait = None
+                    timeout = POLL_INTERVAL if wait is None else min(POLL_INTERVAL, max(wait, MIN_SLEEP))
+                    with trio.move_on_after(timeout):
+                        await self._wake.wait()
+                    self._drained = False
+                    continue
+                backoff = ERROR_BACKOFF[0] if not self._error else backoff
+                # Reset before claiming: a wake-up that arrives during the claim is kept.
+                self._wake = trio.Event()
+                self._reserved += available
+                self._inflight += 1
+                nursery.start_soon(self._claim_and_dispatch, available)
+                # Let the claim start before considering another one.
+                await trio.lowlevel.checkpoint()
+
+    async def _claim_and_dispatch(self, limit: int) -> None:
+        reserved = limit
+        try:
+            jobs = await self.claim(limit)
+            if self.claimed_short:
+                self._drained = True
+            # Workers beyond the claimed rows are free for the next claim.
+            self._reserved -= limit - len(jobs)
+            reserved = len(jobs)
+            handed = 0
+            try:
+                for job in jobs:
+                    await self.send_channel.send(job)
+                    handed += 1
+                    self._reserved -= 1
+                    reserved -= 1
+            finally:
+                if handed < len(jobs):
+                    await self._give_back(jobs[handed:])
+        except Exception as exc:
+            _log.warning("scheduler claim failed", error=_one_line(exc))
+            self._error = True
+        finally:
+            self._reserved -= reserved
+            self._inflight -= 1
+            self._capacity.set()
+
+    async def _dispatch(self, jobs: list[Job]) -> None:
         handed = 0
         try:
-            for claim in claims:
-                await self.send_channel.send(Job(claim, claimed_at))
+            for job in jobs:
+                await self.send_channel.send(job)
                 handed += 1
         finally:
-            if handed < len(claims):
-                await self._give_back(claims[handed:])
+            if handed < len(jobs):
+                await self._give_back(jobs[handed:])
 
-    async def _give_back(self, claims: list[store.Claim]) -> None:
+    async def _give_back(self, jobs: list[Job]) -> None:
         """Release claims that never reached a worker (shielded, bounded)."""
+        for job in jobs:
+            job.span.set_attribute("mail.given_back", True)
+            job.span.end()
         with trio.move_on_after(3.0) as scope:
             scope.shield = True
-            finishes = [release(c, rendered=c.rendered) for c in claims]
+            finishes = [release(job.claim) for job in jobs]
             try:
                 done = await self.pool.recorder.write_now(finishes)
                 self.released += len(done)
                 _log.info("claims given back", count=len(done))
             except Exception as exc:
                 _log.error("could not give claims back; their leases will expire",
-                           count=len(claims), error=_one_line(exc))
+                           count=len(jobs), error=_one_line(exc))
 
     # -- lease rescue --------------------------------------------------------------------------------
     async def rescue_once(self) -> int:

@@ -1,20 +1,21 @@
 """The attempt worker pool over a bounded memory channel (CONTRACT §5).
 
 MAIL_ATTEMPT_WORKER_CONCURRENCY workers receive claimed deliveries from the scheduler over an
-unbuffered channel; the scheduler claims only as many deliveries as there are idle workers. Each
-worker owns one provider session (for SMTP: one persistent connection) and runs one attempt at a
-time:
+unbuffered channel; the scheduler claims only as many deliveries as there are idle workers.
 
-1. render once (template mode: the catalog; rendered mode: the payload), validate, and store the
-   content with the resolved locale before anything is sent; a render error fails the delivery
-   (`render_failed: ...`) and sends nothing;
-2. build the message (the delivery's own Message-ID on every attempt) and send it under a cancel
-   scope of MAIL_SMTP_TIMEOUT;
-3. classify and hand the outcome to the recorder.
+Render once, before anything is sent: inside the claim's own transaction the pool's
+`prepare_claims` renders every delivery not rendered yet (template mode: the catalog; rendered
+mode: the payload), validates it (no empty subject or body, nothing unsafe in a header) and the
+claim stores the content with the resolved locale in the same commit; a render error fails the
+delivery there (`render_failed: ...`) and it never reaches a worker. A delivery claimed again
+reuses its stored content. One commit thus covers the lease and the content of a whole batch.
 
-The recorder writes whatever is queued, at once, in one transaction of multi-row statements
-(group commit), so the window between the server's 250 and the durable record stays one commit
-long while many workers share each round trip. Every write is fenced on this instance's lease.
+Each worker owns one provider session (for SMTP: one persistent connection) and runs one attempt
+at a time: build the message (the delivery's own Message-ID on every attempt), send it under a
+cancel scope of MAIL_SMTP_TIMEOUT, classify, and hand the outcome to the recorder. The recorder
+writes whatever is queued at once, in one multi-row statement (group commit): the window between
+the server's 250 and the durable record stays one commit long while many workers share each
+round trip. Every write is fenced on this instance's lease.
 
 Shutdown: the pool returns once the channel is closed and every in-flight attempt is recorded.
 If its cancel scope is cancelled (the shutdown deadline), running attempts are recorded
@@ -23,13 +24,13 @@ If its cancel scope is cancelled (the shutdown deadline), running attempts are r
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import trio
 from opentelemetry import trace
-from opentelemetry.trace import Link, Status, StatusCode
+from opentelemetry.trace import Link, Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailtrio import log, message, retry, telemetry
@@ -54,17 +55,22 @@ _RETRY_WRITE: tuple[type[BaseException], ...] = (*TransientError, trio.TooSlowEr
 
 @dataclass(frozen=True)
 class Job:
-    """A claimed delivery on its way to a worker; `claimed_at` is trio time at the claim."""
+    """A claimed, rendered delivery on its way to a worker."""
 
     claim: store.Claim
-    claimed_at: float
+    content: message.Content
+    addressing: message.Addressing
+    # The attempt span, started at the claim (the render span is its child); the worker ends it.
+    span: Span
+    # trio time at the claim (the lease started then)
+    claimed_at: float = 0.0
 
 
 # -- rendering --------------------------------------------------------------------------------------
 
 
 def prepare(
-    claim: store.Claim, catalog: Catalog, settings: Settings
+    claim: store.Claim, catalog: Catalog, sender: message.Address
 ) -> tuple[message.Content, message.Addressing]:
     """The content (rendered now or stored earlier) and addressing of a claimed delivery.
 
@@ -115,7 +121,7 @@ def prepare(
     recipients = claim.recipients
     reply_to = payload.get("reply_to")
     addressing = message.Addressing(
-        sender=settings.smtp_from,
+        sender=sender,
         to=message.addresses(recipients.get("to")),
         cc=message.addresses(recipients.get("cc")),
         bcc=message.addresses(recipients.get("bcc")),
@@ -125,23 +131,34 @@ def prepare(
     return content, addressing
 
 
+@dataclass
+class Prepared:
+    """What `prepare_claims` made of a claimed batch (written in the claim's transaction)."""
+
+    jobs: list[Job] = field(default_factory=list)
+    contents: list[store.ContentWrite] = field(default_factory=list)
+    failures: list[store.Finish] = field(default_factory=list)
+
+
 # -- the recorder -----------------------------------------------------------------------------------
 
 
 @dataclass
 class _Batch:
-    contents: list[store.ContentWrite] = field(default_factory=list)
-    finishes: list[tuple[store.Finish, Callable[[bool], None] | None]] = field(default_factory=list)
-    done: trio.Event = field(default_factory=trio.Event)
-    stored: set[str] = field(default_factory=set)
+    items: list[tuple[store.Finish, Callable[[bool], None] | None]] = field(default_factory=list)
+    ok: set[str] = field(default_factory=set)
     failed: bool = False
-
-    def __len__(self) -> int:
-        return len(self.contents) + len(self.finishes)
 
 
 class Recorder:
-    """Group commit of rendered contents and attempt outcomes, fenced on this instance's lease."""
+    """Attempt outcomes, group-committed and fenced on this instance's lease.
+
+    Whatever is queued is written at once, in one statement, by one task; while a write is in
+    flight new outcomes gather for the next one, so many workers share each round trip without any
+    added delay. The write itself is shielded from cancellation (a batch whose commit may already
+    be on its way is never abandoned), bounded by WRITE_TIMEOUT, which `shorten` cuts down when
+    the pool is being cancelled.
+    """
 
     def __init__(self, db: Database, owner: str, *, backlog: int) -> None:
         self.db = db
@@ -155,36 +172,38 @@ class Recorder:
         self.flushes = 0
         self.written = 0
 
-    async def store_content(self, item: store.ContentWrite) -> bool:
-        """Queue the content and wait until it is durable; False if the lease was lost."""
-        batch = self._pending
-        batch.contents.append(item)
-        self._wake.set()
-        await batch.done.wait()
-        return item.delivery_id in batch.stored
-
     async def finish(self, item: store.Finish, after: Callable[[bool], None] | None = None) -> None:
-        """Queue an outcome (written at once, in the next flush); waits only when backlogged.
+        """Queue an outcome, written at once in the next flush; waits only when backlogged.
 
         `after(fenced_ok)` runs once the outcome is durable (or known lost).
         """
-        while len(self._pending) >= self.backlog and not self._closing:
+        while len(self._pending.items) >= self.backlog and not self._closing:
             await self._room.wait()
-        self._pending.finishes.append((item, after))
+        self._pending.items.append((item, after))
         self._wake.set()
 
-    async def write_now(self, finishes: list[store.Finish]) -> set[str]:
-        """Write outcomes directly, outside the queue (clean-up of cancelled attempts)."""
-        _, done = await self.db.run(
-            lambda conn: store.write_batch(conn, owner=self.owner, contents=[], finishes=finishes)
-        )
-        return done
+    async def write_now(self, finishes: Sequence[store.Finish]) -> set[str]:
+        """Write outcomes directly, outside the queue (claims given back, cancelled attempts)."""
+        owner = self.owner
+        return await self.db.run(lambda conn: store.finish_attempts(conn, owner=owner, items=finishes))
+
+    def shorten(self, seconds: float) -> None:
+        """Bound the write in flight to `seconds` from now: the pool is being cancelled."""
+        scope = self._inflight
+        if scope is not None:
+            scope.deadline = min(scope.deadline, trio.current_time() + seconds)
+
+    async def close(self) -> None:
+        """Stop once everything queued is written."""
+        self._closing = True
+        self._wake.set()
+        self._room.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
             while True:
-                if not len(self._pending):
+                if not self._pending.items:
                     if self._closing:
                         return
                     await self._wake.wait()
@@ -196,56 +215,36 @@ class Recorder:
                 await self._flush(batch)
         finally:
             # Cancelled at the shutdown deadline: write what is queued, shielded and bounded.
-            if len(self._pending):
+            if self._pending.items:
                 with trio.move_on_after(CLEANUP_SECONDS) as scope:
                     scope.shield = True
                     batch, self._pending = self._pending, _Batch()
                     await self._flush(batch, retry_transient=False)
 
-    async def close(self) -> None:
-        """Ask the recorder to stop once everything queued is written."""
-        self._closing = True
-        self._wake.set()
-        self._room.set()
-
-    def shorten(self, seconds: float) -> None:
-        """Bound the write in flight (shielded) to `seconds` from now: the pool is being cancelled."""
-        scope = self._inflight
-        if scope is not None:
-            scope.deadline = min(scope.deadline, trio.current_time() + seconds)
-
-    async def _write(self, batch: _Batch, finishes: list[store.Finish]) -> set[str]:
-        """One write, shielded: a batch whose commit may already be on its way is never abandoned
-        to a cancellation (that would turn recorded outcomes into lease expiries)."""
+    async def _write(self, items: list[store.Finish]) -> set[str]:
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + WRITE_TIMEOUT
             self._inflight = scope
             try:
-                batch.stored, done = await self.db.run(
-                    lambda conn: store.write_batch(
-                        conn, owner=self.owner, contents=batch.contents, finishes=finishes
-                    )
-                )
-                return done
+                return await self.write_now(items)
             finally:
                 self._inflight = None
         raise trio.TooSlowError(f"outcome write did not finish within {WRITE_TIMEOUT:.0f}s")
 
     async def _flush(self, batch: _Batch, *, retry_transient: bool = True) -> None:
-        finishes = [f for f, _ in batch.finishes]
+        items = [item for item, _ in batch.items]
         delay = 0.1
-        done: set[str] = set()
         try:
             while True:
                 try:
-                    done = await self._write(batch, finishes)
+                    batch.ok = await self._write(items)
                     break
                 except _RETRY_WRITE as exc:
                     if not retry_transient:
                         raise
                     # The leases still protect these rows; keep trying while the database recovers.
-                    _log.warning("outcome write failed, retrying", error=_one_line(exc), retry_in_s=delay,
-                                 items=len(batch))
+                    _log.warning("outcome write failed, retrying", error=_one_line(exc),
+                                 retry_in_s=delay, items=len(items))
                     await trio.sleep(delay)
                     delay = min(delay * 2, 2.0)
         except trio.Cancelled:
@@ -253,18 +252,17 @@ class Recorder:
             raise
         except Exception as exc:
             batch.failed = True
-            _log.error("outcome write failed; leases will expire and be rescued",
-                       error=_one_line(exc), items=len(batch),
-                       delivery_ids=[f.delivery_id for f in finishes][:20])
+            _log.error("outcome write failed; the leases will expire and be rescued",
+                       error=_one_line(exc), items=len(items),
+                       delivery_ids=[i.delivery_id for i in items][:20])
         finally:
-            batch.done.set()
             self.flushes += 1
-            self.written += len(batch)
-            for f, after in batch.finishes:
-                ok = f.delivery_id in done
+            self.written += len(items)
+            for item, after in batch.items:
+                ok = item.delivery_id in batch.ok
                 if not ok and not batch.failed:
-                    _log.warning("attempt outcome discarded: lease lost", delivery_id=f.delivery_id,
-                                 status=f.status)
+                    _log.warning("attempt outcome discarded: lease lost", delivery_id=item.delivery_id,
+                                 status=item.status)
                 if after is not None:
                     after(ok)
 
@@ -285,14 +283,16 @@ class WorkerPool:
         self.db = db
         self.catalog = catalog
         self.provider = provider
+        self.provider_name = getattr(provider, "name", "?")
         self.receive_channel = receive_channel
         self.size = settings.worker_concurrency
         self.recorder = Recorder(db, settings.instance_id, backlog=BACKLOG_PER_WORKER * self.size)
-        self.domain = message.sender_domain(settings.smtp_from)
+        self.sender = message.Address.from_value(settings.smtp_from)
         self._idle = 0
-        self._idle_changed = trio.Event()
         # Called with the delay (s) of every retry this instance schedules (the scheduler's timer).
         self.on_retry_scheduled: Callable[[float], None] | None = None
+        # Called whenever the number of idle workers changes (the scheduler's capacity).
+        self.on_idle_change: Callable[[], None] | None = None
         self.attempts = 0
 
     # -- what the scheduler sees ------------------------------------------------------------------
@@ -300,16 +300,74 @@ class WorkerPool:
     def idle(self) -> int:
         return self._idle
 
-    async def wait_idle(self) -> int:
-        """Wait until at least one worker waits for work; return how many do."""
-        while self._idle == 0:
-            await self._idle_changed.wait()
-        return self._idle
-
     def _set_idle(self, delta: int) -> None:
         self._idle += delta
-        self._idle_changed.set()
-        self._idle_changed = trio.Event()
+        if self.on_idle_change is not None:
+            self.on_idle_change()
+
+    def prepare_claims(self, claims: Sequence[store.Claim]) -> Prepared:
+        """Render (or load) the content of claimed deliveries, inside the claim's transaction.
+
+        Synchronous and pure CPU: it runs between the claim statement and the commit.
+        """
+        out = Prepared()
+        claimed_at = trio.current_time()
+        for claim in claims:
+            span = telemetry.tracer.start_span(
+                "attempt",
+                links=_producer_links(claim.traceparent),
+                attributes={
+                    "mail.delivery_id": claim.delivery_id,
+                    "mail.source": claim.source,
+                    "mail.attempt_no": claim.attempt_count + 1,
+                },
+            )
+            try:
+                if claim.rendered:
+                    content, addressing = prepare(claim, self.catalog, self.sender)
+                else:
+                    with telemetry.tracer.start_as_current_span(
+                        "render", context=trace.set_span_in_context(span),
+                        attributes={"mail.template_id": claim.template_id or ""},
+                    ):
+                        content, addressing = prepare(claim, self.catalog, self.sender)
+            except (RenderError, message.ContentError) as exc:
+                out.failures.append(self._render_failed(claim, str(exc), span))
+                continue
+            if not claim.rendered:
+                out.contents.append(
+                    store.ContentWrite(
+                        delivery_id=claim.delivery_id,
+                        lease_started_at=claim.lease_started_at,
+                        subject=content.subject,
+                        text_body=content.text,
+                        html_body=content.html,
+                        headers=dict(content.headers),
+                        resolved_locale=content.locale,
+                    )
+                )
+            out.jobs.append(Job(claim, content, addressing, span, claimed_at))
+        return out
+
+    def _render_failed(self, claim: store.Claim, reason: str, span: Span) -> store.Finish:
+        summary = f"render_failed: {reason}"[:1000]
+        span.set_status(Status(StatusCode.ERROR, summary))
+        span.end()
+        with trace.use_span(span):
+            _log.warning("delivery failed: render failed", delivery_id=claim.delivery_id,
+                         source=claim.source, template_id=claim.template_id, reason=reason)
+        return store.Finish(
+            delivery_id=claim.delivery_id,
+            lease_started_at=claim.lease_started_at,
+            status="failed",
+            status_reason=summary,
+            attempt_status=None,
+            elapsed_ms=0,
+            provider_summary=None,
+            details=None,
+            retry_ms=None,
+            ladder_step=claim.ladder_step,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -320,16 +378,15 @@ class WorkerPool:
                 try:
                     async with trio.open_nursery() as workers:
                         for i in range(self.size):
-                            workers.start_soon(self._worker, i, name=f"attempt-worker-{i}")
-                        _log.info("attempt worker pool started", workers=self.size,
-                                  provider=getattr(self.provider, "name", "?"))
+                            workers.start_soon(self._worker, name=f"attempt-worker-{i}")
+                        _log.info("attempt worker pool started", workers=self.size, provider=self.provider_name)
                         task_status.started()
                 finally:
                     await self.recorder.close()
         finally:
             _log.info("attempt workers stopped", attempts=self.attempts)
 
-    async def _worker(self, index: int) -> None:
+    async def _worker(self) -> None:
         session = self.provider.session()
         try:
             while True:
@@ -350,67 +407,26 @@ class WorkerPool:
     async def _attempt(self, session: Session, job: Job) -> None:
         claim = job.claim
         self.attempts += 1
-        links = _producer_links(claim.traceparent)
-        attempt_no = claim.attempt_count + 1
-        handed = False
-        rendered = claim.rendered
-        with telemetry.tracer.start_as_current_span(
-            "attempt",
-            links=links,
-            attributes={
-                "mail.delivery_id": claim.delivery_id,
-                "mail.source": claim.source,
-                "mail.attempt_no": attempt_no,
-            },
-        ) as span:
+        with trace.use_span(job.span, end_on_exit=True):
             try:
-                # 1. content: stored, or rendered now and stored before anything is sent
-                try:
-                    if rendered:
-                        content, addressing = prepare(claim, self.catalog, self.settings)
-                    else:
-                        with telemetry.tracer.start_as_current_span("render") as render_span:
-                            render_span.set_attribute("mail.template_id", claim.template_id or "")
-                            content, addressing = prepare(claim, self.catalog, self.settings)
-                except (RenderError, message.ContentError) as exc:
-                    await self._render_failed(job, str(exc), span)
-                    return
-                if not rendered:
-                    stored = await self.recorder.store_content(
-                        store.ContentWrite(
-                            delivery_id=claim.delivery_id,
-                            lease_started_at=claim.lease_started_at,
-                            subject=content.subject,
-                            text_body=content.text,
-                            html_body=content.html,
-                            headers=dict(content.headers),
-                            resolved_locale=content.locale,
-                        )
-                    )
-                    if not stored:
-                        _log.warning("claim lost before sending; nothing sent", delivery_id=claim.delivery_id)
-                        return
-                    rendered = True
-
-                # 2. send under MAIL_SMTP_TIMEOUT
-                data = message.build(addressing, content, message_id=claim.message_id, date=datetime.now(UTC))
+                addressing = job.addressing
+                data = message.build(addressing, job.content, message_id=claim.message_id,
+                                     date=datetime.now(UTC))
+                recipients = addressing.envelope_recipients()
                 envelope = Envelope(
                     sender=addressing.envelope_sender(),
-                    recipients=addressing.envelope_recipients(),
+                    recipients=recipients,
                     source=claim.source,
                     delivery_id=claim.delivery_id,
                     message_id=claim.message_id,
-                    smtputf8=addressing.needs_smtputf8(),
+                    smtputf8=addressing.needs_smtputf8(recipients),
                 )
-                handed = True
                 report = await self._send(session, envelope, data)
             except trio.Cancelled:
                 self.recorder.shorten(CLEANUP_SECONDS)
-                await self._cancelled(session, job, handed=handed, rendered=rendered)
+                await self._cancelled(session, job)
                 raise
-
-            # 3. classify and record
-            await self._record(job, report, span)
+            await self._record(job, report)
 
     async def _send(self, session: Session, envelope: Envelope, data: bytes) -> SendReport:
         timeout = self.settings.smtp_timeout
@@ -428,13 +444,13 @@ class WorkerPool:
                     extra={"timeout_s": timeout},
                 )
             elapsed_ms = (trio.current_time() - start) * 1000.0
-            telemetry.send_duration_ms.record(elapsed_ms, {"provider": getattr(self.provider, "name", "?")})
+            telemetry.send_duration_ms.record(elapsed_ms, {"provider": self.provider_name})
             span.set_attribute("mail.attempt_status", str(report.status))
             if report.status != AttemptStatus.PROVIDER_ACCEPTED:
                 span.set_status(Status(StatusCode.ERROR, report.summary))
         return report
 
-    async def _record(self, job: Job, report: SendReport, span: trace.Span) -> None:
+    async def _record(self, job: Job, report: SendReport) -> None:
         claim = job.claim
         step = retry.next_step(
             report.status,
@@ -458,8 +474,8 @@ class WorkerPool:
             ladder_step=step.ladder_step,
             dead_reason=dead_reason,
         )
-        span.set_attribute("mail.attempt_status", str(report.status))
-        span.set_attribute("mail.delivery_status", step.delivery_status)
+        job.span.set_attribute("mail.attempt_status", str(report.status))
+        job.span.set_attribute("mail.delivery_status", step.delivery_status)
         fields = {
             "delivery_id": claim.delivery_id,
             "source": claim.source,
@@ -496,49 +512,24 @@ class WorkerPool:
 
         await self.recorder.finish(finish, after)
 
-    async def _render_failed(self, job: Job, reason: str, span: trace.Span) -> None:
-        claim = job.claim
-        summary = f"render_failed: {reason}"
-        span.set_status(Status(StatusCode.ERROR, summary))
-        _log.warning("delivery failed: render failed", delivery_id=claim.delivery_id, source=claim.source,
-                     template_id=claim.template_id, reason=reason)
-        await self.recorder.finish(
-            store.Finish(
-                delivery_id=claim.delivery_id,
-                lease_started_at=claim.lease_started_at,
-                status="failed",
-                status_reason=summary[:1000],
-                attempt_status=None,
-                elapsed_ms=_elapsed_ms(job),
-                provider_summary=None,
-                details=None,
-                retry_ms=None,
-                ladder_step=claim.ladder_step,
-            )
-        )
-
-    async def _cancelled(self, session: Session, job: Job, *, handed: bool, rendered: bool) -> None:
-        """The attempt was cancelled (shutdown deadline): put the delivery back at once."""
+    async def _cancelled(self, session: Session, job: Job) -> None:
+        """The attempt was cancelled (shutdown deadline): record it and put the delivery back."""
         claim = job.claim
         with trio.move_on_after(CLEANUP_SECONDS) as scope:
             scope.shield = True
             await session.abort()
-            back = "rendered" if rendered else "queued"
-            if handed:
-                finish = store.Finish(
-                    delivery_id=claim.delivery_id,
-                    lease_started_at=claim.lease_started_at,
-                    status=back,
-                    status_reason="interrupted: the instance stopped mid-attempt",
-                    attempt_status=str(AttemptStatus.INTERRUPTED),
-                    elapsed_ms=_elapsed_ms(job),
-                    provider_summary="interrupted: shutdown deadline reached, outcome unknown",
-                    details={"phase": "shutdown"},
-                    retry_ms=0,
-                    ladder_step=claim.ladder_step,
-                )
-            else:
-                finish = release(claim, rendered=rendered, elapsed_ms=_elapsed_ms(job))
+            finish = store.Finish(
+                delivery_id=claim.delivery_id,
+                lease_started_at=claim.lease_started_at,
+                status="rendered",
+                status_reason="interrupted: the instance stopped mid-attempt",
+                attempt_status=str(AttemptStatus.INTERRUPTED),
+                elapsed_ms=_elapsed_ms(job),
+                provider_summary="interrupted: shutdown deadline reached, outcome unknown",
+                details={"phase": "shutdown"},
+                retry_ms=0,
+                ladder_step=claim.ladder_step,
+            )
             try:
                 done = await self.recorder.write_now([finish])
             except Exception as exc:
@@ -546,24 +537,23 @@ class WorkerPool:
                            delivery_id=claim.delivery_id, error=_one_line(exc))
                 return
             if claim.delivery_id in done:
-                if handed:
-                    telemetry.attempt_outcomes.add(1, {"status": str(AttemptStatus.INTERRUPTED)})
+                telemetry.attempt_outcomes.add(1, {"status": str(AttemptStatus.INTERRUPTED)})
                 _log.info("attempt interrupted by shutdown; delivery back on the schedule",
-                          delivery_id=claim.delivery_id, status=back, recorded_attempt=handed)
+                          delivery_id=claim.delivery_id)
         if scope.cancelled_caught:
             _log.error("putting a cancelled attempt back timed out; its lease will expire",
                        delivery_id=claim.delivery_id)
 
 
-def release(claim: store.Claim, *, rendered: bool, elapsed_ms: int = 0) -> store.Finish:
+def release(claim: store.Claim) -> store.Finish:
     """Give a claim back untouched (no attempt took place): due now, schedule age kept."""
     return store.Finish(
         delivery_id=claim.delivery_id,
         lease_started_at=claim.lease_started_at,
-        status="rendered" if rendered else "queued",
+        status="rendered",
         status_reason=None,
         attempt_status=None,
-        elapsed_ms=elapsed_ms,
+        elapsed_ms=0,
         provider_summary=None,
         details=None,
         retry_ms=0,

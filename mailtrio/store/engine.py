@@ -7,10 +7,10 @@ round trip claims a batch, stores a batch of rendered contents or records a batc
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from mailtrio.store import Conn
 from mailtrio.store.queries import q
@@ -145,6 +145,38 @@ async def claim_due(conn: Conn, *, owner: str, lease_seconds: float, limit: int)
     return claims
 
 
+class ClaimPreparation(Protocol):
+    """What the engine makes of a claimed batch before its commit (see claim_batch)."""
+
+    contents: list[ContentWrite]
+    failures: list[Finish]
+
+
+P = TypeVar("P", bound=ClaimPreparation)
+
+
+async def claim_batch(
+    conn: Conn,
+    *,
+    owner: str,
+    lease_seconds: float,
+    limit: int,
+    prepare: Callable[[list[Claim]], P],
+) -> P:
+    """Claim due deliveries and, in the same transaction, store what `prepare` rendered for them
+    and fail those it could not render: one commit for the leases and the contents of a batch."""
+    async with conn.transaction():
+        claims = await claim_due(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
+        prepared = prepare(claims)
+        if prepared.contents or prepared.failures:
+            async with conn.pipeline():
+                if prepared.contents:
+                    await conn.execute(q("store_content"), {"owner": owner, "rows": _rows(prepared.contents)})
+                if prepared.failures:
+                    await conn.execute(q("finish_attempts"), {"owner": owner, "rows": _rows(prepared.failures)})
+    return prepared
+
+
 async def next_due(conn: Conn) -> float | None:
     """Seconds until the earliest waiting delivery is due (<= 0: due now), None if none waits."""
     cur = await conn.execute(q("next_due"))
@@ -154,30 +186,15 @@ async def next_due(conn: Conn) -> float | None:
     return float(row["wait_s"])
 
 
-async def write_batch(
-    conn: Conn, *, owner: str, contents: Sequence[ContentWrite], finishes: Sequence[Finish]
-) -> tuple[set[str], set[str]]:
-    """Store contents and record outcomes in one transaction (pipelined: one round trip).
-
-    Returns the delivery ids whose fence held, for contents and for finishes.
-    """
-    stored: set[str] = set()
-    finished: set[str] = set()
-    async with conn.transaction():
-        async with conn.pipeline():
-            c_cur = f_cur = None
-            if contents:
-                c_cur = await conn.execute(q("store_content"), {"owner": owner, "rows": _rows(contents)})
-            if finishes:
-                f_cur = await conn.execute(q("finish_attempts"), {"owner": owner, "rows": _rows(finishes)})
-                if any(f.retry_ms == 0 for f in finishes):
-                    # Due again right now: let every instance's scheduler know.
-                    await conn.execute(q("notify_schedule"))
-        if c_cur is not None:
-            stored = {r["delivery_id"] for r in await c_cur.fetchall()}
-        if f_cur is not None:
-            finished = {r["delivery_id"] for r in await f_cur.fetchall()}
-    return stored, finished
+async def finish_attempts(conn: Conn, *, owner: str, items: Sequence[Finish]) -> set[str]:
+    """Record outcomes (fenced) in one statement; returns the delivery ids whose fence held."""
+    due_now = any(f.retry_ms == 0 for f in items)
+    async with conn.transaction(), conn.pipeline():
+        cur = await conn.execute(q("finish_attempts"), {"owner": owner, "rows": _rows(items)})
+        if due_now:
+            # Due again right now (put back at shutdown): let every instance's scheduler know.
+            await conn.execute(q("notify_schedule"))
+    return {r["delivery_id"] for r in await cur.fetchall()}
 
 
 async def rescue_expired(conn: Conn, *, rescuer: str, limit: int = 500) -> list[dict[str, Any]]:

@@ -63,6 +63,7 @@ class _Handler:
         self.record_path = Path(config["record"])
         self.hits: Counter[tuple[int, str]] = Counter()
         self.record = self.record_path.open("a", encoding="utf-8")
+        self.pipelining = bool(config.get("pipelining", True))
 
     def _rule_for(self, address: str) -> dict[str, Any] | None:
         for i, (pattern, rule) in enumerate(self.rules):
@@ -81,7 +82,18 @@ class _Handler:
         self.record.write(json.dumps(entry) + "\n")
         self.record.flush()
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]) -> str:
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            # aiosmtpd reads commands one by one from its stream, so pipelined commands just work.
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
         rule = self._rule_for(address)
         if rule is not None and rule["action"] in RCPT_REPLIES:
             self._use(rule, address)
@@ -214,6 +226,7 @@ class SmtpTestServer:
         auth: tuple[str, str] | None = None,
         certs: Certs | None = None,
         port: int = 0,
+        pipelining: bool = True,
     ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
@@ -226,6 +239,7 @@ class SmtpTestServer:
             "record": str(self.record_path),
             "auth": {"user": auth[0], "password": auth[1]} if auth else None,
             "port": port,
+            "pipelining": pipelining,
         }
         if self.certs is not None:
             self.config.update(cert=str(self.certs.cert_file), key=str(self.certs.key_file))
