@@ -92,7 +92,8 @@ def delivery_row(
         "lease_expires_at": now + timedelta(minutes=1) if sending else None,
         "lease_started_at": now if sending else None,
         "created_at": created_at or now,
-        "updated_at": updated_at or created_at or now,
+        # recent unless told otherwise: the service's retention worker leaves the row alone
+        "updated_at": updated_at or now,
     }
 
 

@@ -31,7 +31,7 @@ from tests.support.serve import ServeProcess
 
 TOKEN = "schemathesis-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 15
 
 
 def test_document_is_valid_openapi_31(served: ServeProcess) -> None:
