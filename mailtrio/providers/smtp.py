@@ -461,6 +461,9 @@ def _ehlo_name() -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    # trio wraps socket and TLS errors (BrokenResourceError from ssl.SSLError): say what happened.
+    while isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)) and exc.__cause__ is not None:
+        exc = exc.__cause__
     text = " ".join(str(exc).split())
     name = type(exc).__name__
     return f"{name}: {text}" if text else name

@@ -64,6 +64,7 @@ class _Handler:
         self.hits: Counter[tuple[int, str]] = Counter()
         self.record = self.record_path.open("a", encoding="utf-8")
         self.pipelining = bool(config.get("pipelining", True))
+        self.implicit_tls = config.get("tls") == "tls"
 
     def _rule_for(self, address: str) -> dict[str, Any] | None:
         for i, (pattern, rule) in enumerate(self.rules):
@@ -112,7 +113,7 @@ class _Handler:
             "rcpt_tos": list(envelope.rcpt_tos),
             "size": len(data),
             "auth": session.authenticated,
-            "tls": session.ssl is not None,
+            "tls": session.ssl is not None or self.implicit_tls,
         }
         for address in envelope.rcpt_tos:
             rule = self._rule_for(address)
@@ -159,6 +160,12 @@ def _serve(config: dict[str, Any]) -> None:
             handler._write({"event": "auth_failed", "mechanism": mechanism})
         return AuthResult(success=ok, handled=False)
 
+    class RecordingSMTP(SMTP):  # type: ignore[misc]
+        def connection_made(self, transport: Any) -> None:
+            if self.transport is None:  # not the TLS transport replacing it after STARTTLS
+                handler._write({"event": "connect"})
+            super().connection_made(transport)
+
     def factory() -> SMTP:
         kwargs: dict[str, Any] = {
             "hostname": "mt-test-smtp",
@@ -168,8 +175,9 @@ def _serve(config: dict[str, Any]) -> None:
         if tls_mode == "starttls":
             kwargs.update(tls_context=ctx, require_starttls=True)
         if auth is not None:
-            kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=True)
-        return SMTP(handler, **kwargs)
+            # With implicit TLS aiosmtpd cannot tell the socket is encrypted: do not ask it to check.
+            kwargs.update(authenticator=authenticator, auth_required=True, auth_require_tls=tls_mode == "starttls")
+        return RecordingSMTP(handler, **kwargs)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -322,6 +330,9 @@ class SmtpTestServer:
             if time.monotonic() > deadline:
                 raise AssertionError(f"SMTP server accepted {len(got)} of {count} messages in {timeout}s")
             time.sleep(0.05)
+
+    def connections(self) -> int:
+        return sum(1 for e in self.events() if e["event"] == "connect")
 
     def stderr(self) -> str:
         return "".join(self._stderr)

@@ -1,0 +1,212 @@
+"""Pure message building: every shape parsed back with the stdlib parser."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from datetime import UTC, datetime
+from email.message import EmailMessage
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailtrio import message
+from mailtrio.message import Address, Addressing, Content, ContentError
+
+MID = "<d-1.0123456789abcdef@mailtrio.test>"
+DATE = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+SENDER = Address.from_value("Mail Service <no-reply@mailtrio.test>")
+
+
+def parse(data: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def build(content: Content, addressing: Addressing | None = None) -> bytes:
+    addressing = addressing or Addressing(SENDER, [Address("to@example.com", "To Person")])
+    return message.build(addressing, content, message_id=MID, date=DATE)
+
+
+def check_wire(data: bytes) -> None:
+    """CRLF only, no line over 998 octets, 7-bit clean (quoted-printable / encoded words)."""
+    assert b"\r\n" in data
+    assert b"\n" not in data.replace(b"\r\n", b"")
+    assert b"\r" not in data.replace(b"\r\n", b"")
+    for line in data.split(b"\r\n"):
+        assert len(line) <= 998
+    assert data.isascii()
+
+
+def test_plain_text_message() -> None:
+    data = build(Content("Your login code: 123456", "Hello,\nyour code is 123456.\n", None, {}, "en"))
+    check_wire(data)
+    msg = parse(data)
+    assert msg["Message-ID"] == MID
+    assert msg["Subject"] == "Your login code: 123456"
+    assert msg["From"] == "Mail Service <no-reply@mailtrio.test>"
+    assert msg["To"] == "To Person <to@example.com>"
+    assert msg["Content-Language"] == "en"
+    assert msg["MIME-Version"] == "1.0"
+    assert msg["Date"] == "Fri, 02 Jan 2026 03:04:05 +0000"
+    assert msg.get_content_type() == "text/plain"
+    assert msg.get_content_charset() == "utf-8"
+    assert msg.get_content().replace("\r\n", "\n") == "Hello,\nyour code is 123456.\n"
+
+
+def test_html_makes_multipart_alternative() -> None:
+    data = build(Content("News", "Plain body", "<p>HTML body</p>", {}, "fr"))
+    check_wire(data)
+    msg = parse(data)
+    assert msg.get_content_type() == "multipart/alternative"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "text/html"]
+    assert parts[0].get_content().strip() == "Plain body"
+    assert parts[1].get_content().strip() == "<p>HTML body</p>"
+    assert msg["Content-Language"] == "fr"
+
+
+def test_html_only() -> None:
+    msg = parse(build(Content("News", None, "<p>only html</p>", {}, "en")))
+    assert msg.get_content_type() == "text/html"
+
+
+def test_bcc_never_in_headers_but_in_envelope() -> None:
+    addressing = Addressing(
+        SENDER,
+        to=[Address("a@example.com")],
+        cc=[Address("c@example.com", "Cee")],
+        bcc=[Address("secret@example.com"), Address("A@example.com")],
+        reply_to=Address("reply@example.com", "Replies"),
+    )
+    data = build(Content("s", "b", None, {}, "en"), addressing)
+    assert b"secret@example.com" not in data
+    assert b"Bcc" not in data and b"bcc" not in data.lower().replace(b"bcc@", b"")
+    msg = parse(data)
+    assert msg["Cc"] == "Cee <c@example.com>"
+    assert msg["Reply-To"] == "Replies <reply@example.com>"
+    # A@example.com duplicates a@example.com (case-insensitive): sent once.
+    assert addressing.envelope_recipients() == ["a@example.com", "c@example.com", "secret@example.com"]
+    assert addressing.envelope_sender() == "no-reply@mailtrio.test"
+
+
+def test_allowed_payload_headers() -> None:
+    headers = {"X-Campaign": "spring", "list-unsubscribe": "<https://example.com/u/1>",
+               "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+    msg = parse(build(Content("s", "b", None, headers, "en")))
+    assert msg["X-Campaign"] == "spring"
+    assert msg["List-Unsubscribe"] == "<https://example.com/u/1>"
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+
+def test_non_ascii_subject_names_and_body() -> None:
+    content = Content("Votre code de connexion : 123 — été ✓", "Bonjour Zoë,\nçà et là.\n", "<p>Zoë</p>", {}, "fr")
+    addressing = Addressing(Address("no-reply@mailtrio.test", "Sérvice Mail"),
+                            to=[Address.from_value({"email": "zoe@example.com", "name": "Zoë Dupré, Jr."})])
+    data = build(content, addressing)
+    check_wire(data)
+    msg = parse(data)
+    assert msg["Subject"] == content.subject
+    assert msg["To"].addresses[0].display_name == "Zoë Dupré, Jr."
+    assert msg["From"].addresses[0].display_name == "Sérvice Mail"
+    text, html = (p.get_content() for p in msg.iter_parts())
+    assert text.replace("\r\n", "\n").strip() == "Bonjour Zoë,\nçà et là."
+    assert html.strip() == "<p>Zoë</p>"
+
+
+def test_idn_domain_is_punycoded() -> None:
+    addressing = Addressing(SENDER, to=[Address("user@bücher.example")])
+    assert addressing.envelope_recipients() == ["user@xn--bcher-kva.example"]
+    assert not addressing.needs_smtputf8()
+    assert Addressing(SENDER, to=[Address("üser@example.com")]).needs_smtputf8()
+
+
+def test_long_lines_dots_and_trailing_spaces_survive() -> None:
+    body = "x" * 2000 + "\n.leading dot\nfrom here \ntab\t\n" + "=" * 100
+    data = build(Content("s", body, None, {}, "en"))
+    check_wire(data)
+    assert parse(data).get_content().replace("\r\n", "\n").rstrip("\n") == body
+
+
+def test_long_subject_is_folded() -> None:
+    subject = " ".join(["word"] * 60)
+    data = build(Content(subject, "b", None, {}, "en"))
+    check_wire(data)
+    assert parse(data)["Subject"] == subject
+
+
+def test_message_id_is_stable_and_derived_from_the_delivery() -> None:
+    a = message.message_id_for("notification", "d-1", "mailtrio.test")
+    assert a == message.message_id_for("notification", "d-1", "mailtrio.test")
+    assert a != message.message_id_for("authsession", "d-1", "mailtrio.test")
+    assert a.startswith("<d-1.") and a.endswith("@mailtrio.test>")
+    assert message.sender_domain("Mail Service <No-Reply@MailTrio.TEST>") == "mailtrio.test"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        Content("", "body", None, {}, "en"),
+        Content("   ", "body", None, {}, "en"),
+        Content("subject", "  \n ", None, {}, "en"),
+        Content("subject", None, "   ", {}, "en"),
+        Content("sub\r\nBcc: x@example.com", "body", None, {}, "en"),
+        Content("s", "b", None, {"X-Evil": "a\r\nBcc: x@example.com"}, "en"),
+        Content("s", "b", None, {"X-Nul": "a\0b"}, "en"),
+        Content("s", "b", None, {"Subject": "override"}, "en"),
+        Content("s", "b", None, {"Bcc": "x@example.com"}, "en"),
+    ],
+)
+def test_unsendable_content_is_refused(content: Content) -> None:
+    with pytest.raises(ContentError):
+        content.validate()
+
+
+@pytest.mark.parametrize("addr", ["no-at-sign", "a b@example.com", "<a@example.com>", "a@example.com\r\nX: y", ""])
+def test_unsafe_addresses_are_refused(addr: str) -> None:
+    with pytest.raises(ContentError):
+        Addressing(SENDER, to=[Address(addr)]).validate()
+
+
+def test_recipient_values() -> None:
+    assert Address.from_value("a@example.com") == Address("a@example.com", "")
+    assert Address.from_value({"email": "a@example.com", "name": None}) == Address("a@example.com", "")
+    assert Address.from_value({"email": " a@example.com ", "name": "A"}) == Address("a@example.com", "A")
+    with pytest.raises(ContentError):
+        Address.from_value(42)
+
+
+_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00"), min_size=1, max_size=400
+)
+_header_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp")), min_size=1, max_size=120
+).filter(lambda s: s.strip() == s and s.strip() != "")
+
+
+@settings(max_examples=300, deadline=None)
+@given(subject=_header_text, text=_text, html=st.one_of(st.none(), _text), name=st.one_of(st.just(""), _header_text),
+       x_value=_header_text)
+def test_round_trip(subject: str, text: str, html: str | None, name: str, x_value: str) -> None:
+    """Whatever the content, the bytes are clean on the wire and parse back to the same thing."""
+    content = Content(subject, text if text.strip() else "body", html if html and html.strip() else None,
+                      {"X-Value": x_value}, "en")
+    addressing = Addressing(SENDER, to=[Address("to@example.com", name)], bcc=[Address("hidden@example.com")])
+    data = build(content, addressing)
+    check_wire(data)
+    assert b"hidden@example.com" not in data
+    msg = parse(data)
+    assert msg["Message-ID"] == MID
+    assert " ".join(str(msg["Subject"]).split()) == " ".join(subject.split())
+    assert " ".join(str(msg["X-Value"]).split()) == " ".join(x_value.split())
+    if name:
+        assert " ".join(msg["To"].addresses[0].display_name.split()) == " ".join(name.split())
+    assert msg["To"].addresses[0].addr_spec == "to@example.com"
+    parts = list(msg.iter_parts()) if msg.is_multipart() else [msg]
+    expected = [content.text] + ([content.html] if content.html else [])
+    assert len(parts) == len(expected)
+    for part, want in zip(parts, expected, strict=True):
+        got = part.get_content().replace("\r\n", "\n")
+        assert got.rstrip("\n") == (want or "").replace("\r\n", "\n").rstrip("\n")

@@ -1,0 +1,213 @@
+"""The engine's statements against a real database: fair claims, fences, ladder fields, rescue."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pytest
+import trio
+
+from mailtrio import bridge
+from mailtrio.store import Database
+from mailtrio.store import engine as store
+from tests.engine import helpers as h
+
+
+@pytest.fixture
+async def db(database: str) -> AsyncIterator[Database]:
+    async with bridge.open_loop():
+        d = Database(database, 6)
+        await d.open()
+        try:
+            yield d
+        finally:
+            await d.close()
+
+
+@dataclass
+class Prep:
+    contents: list[store.ContentWrite] = field(default_factory=list)
+    failures: list[store.Finish] = field(default_factory=list)
+    claims: list[store.Claim] = field(default_factory=list)
+
+
+def render_all(claims: list[store.Claim]) -> Prep:
+    prep = Prep(claims=claims)
+    for c in claims:
+        if c.rendered:
+            continue
+        if c.delivery_id.startswith("bad"):
+            prep.failures.append(store.Finish(c.delivery_id, c.lease_started_at, "failed", "render_failed: boom",
+                                              None, 0, None, None, None, c.ladder_step))
+        else:
+            prep.contents.append(store.ContentWrite(c.delivery_id, c.lease_started_at, f"Subject {c.delivery_id}",
+                                                    "text", None, {"X-A": "1"}, "en"))
+    return prep
+
+
+async def claim(db: Database, limit: int, owner: str = "me", lease: float = 30.0) -> list[store.Claim]:
+    prep = await db.run(lambda conn: store.claim_batch(conn, owner=owner, lease_seconds=lease, limit=limit,
+                                                       prepare=render_all))
+    return prep.claims
+
+
+def outcome(
+    c: store.Claim, status: str = "sent", attempt: str | None = "provider_accepted", **kw: object
+) -> store.Finish:
+    fields: dict[str, object] = dict(
+        delivery_id=c.delivery_id, lease_started_at=c.lease_started_at, status=status,
+        status_reason=None if status == "sent" else "550 5.1.1 nope", attempt_status=attempt, elapsed_ms=12,
+        provider_summary="250 2.0.0 ok", details={"phase": "message"}, retry_ms=None, ladder_step=c.ladder_step,
+    )
+    fields.update(kw)
+    return store.Finish(**fields)  # type: ignore[arg-type]
+
+
+async def finish(db: Database, items: list[store.Finish], owner: str = "me") -> set[str]:
+    return await db.run(lambda conn: store.finish_attempts(conn, owner=owner, items=items))
+
+
+async def test_claim_limit_order_and_lease(db: Database, database: str) -> None:
+    h.insert(database, [h.delivery(f"n{i}", source="notification") for i in range(5)])
+    h.insert(database, [h.delivery("future", delay_s=3600)])
+    h.insert(database, [h.delivery(f"a{i}", source="authsession") for i in range(2)])  # newer than n*
+    claims = await claim(db, 3)
+    # authsession first although younger, then the oldest notification
+    assert [c.delivery_id for c in claims] == ["a0", "a1", "n0"]
+    rows = h.deliveries(database, ["a0", "n0", "n1", "future"])
+    for i in ("a0", "n0"):
+        r = rows[i]
+        assert r["status"] == "sending" and r["lease_owner"] == "me" and r["next_attempt_at"] is None
+        assert r["lease_expires_at"] - r["lease_started_at"] == timedelta(seconds=30)
+    assert rows["n1"]["status"] == "queued"
+    rest = await claim(db, 10)
+    assert sorted(c.delivery_id for c in rest) == ["n1", "n2", "n3", "n4"]  # never the future one
+    assert h.deliveries(database, ["future"])["future"]["status"] == "queued"
+    assert await db.run(store.next_due) > 3000
+
+
+async def test_concurrent_claims_are_disjoint(db: Database, database: str) -> None:
+    h.insert(database, [h.delivery(f"d{i}") for i in range(200)])
+    got: list[list[str]] = []
+
+    async def one(owner: str) -> None:
+        for _ in range(10):
+            got.append([c.delivery_id for c in await claim(db, 7, owner=owner)])
+
+    async with trio.open_nursery() as n:
+        for k in range(4):
+            n.start_soon(one, f"owner-{k}")
+    ids = [i for batch in got for i in batch]
+    assert len(ids) == len(set(ids)) == 200
+
+
+async def test_content_and_render_failures_are_written_with_the_claim(db: Database, database: str) -> None:
+    h.insert(database, [h.delivery("good"), h.delivery("bad-1")])
+    await claim(db, 5)
+    rows = h.deliveries(database)
+    assert rows["good"]["status"] == "sending" and rows["good"]["resolved_locale"] == "en"
+    assert rows["bad-1"]["status"] == "failed" and rows["bad-1"]["status_reason"] == "render_failed: boom"
+    assert rows["bad-1"]["lease_owner"] is None and rows["bad-1"]["attempt_count"] == 0
+    assert h.attempts(database, "bad-1") == []
+    payload = h.query(database, "SELECT * FROM mail.payloads WHERE delivery_id = 'good'")[0]
+    assert payload["subject"] == "Subject good" and payload["rendered_at"] is not None
+    assert payload["headers"] == {"X-A": "1"}
+
+
+async def test_finish_is_fenced_on_owner_and_lease(db: Database, database: str) -> None:
+    h.insert(database, [h.delivery("d1")])
+    [c] = await claim(db, 1)
+    stale = outcome(c, lease_started_at=c.lease_started_at - timedelta(microseconds=1))
+    assert await finish(db, [stale]) == set()
+    assert await finish(db, [outcome(c)], owner="someone-else") == set()
+    assert h.deliveries(database, ["d1"])["d1"]["status"] == "sending"
+    assert h.attempts(database, "d1") == []
+    assert await finish(db, [outcome(c)]) == {"d1"}
+    row = h.deliveries(database, ["d1"])["d1"]
+    assert row["status"] == "sent" and row["lease_owner"] is None and row["attempt_count"] == 1
+    [a] = h.attempts(database, "d1")
+    assert a["attempt_no"] == 1 and a["status"] == "provider_accepted" and a["instance_id"] == "me"
+    assert a["started_at"] == c.lease_started_at and a["duration_ms"] == 12
+    assert a["finished_at"] - a["started_at"] == timedelta(milliseconds=12)
+    # the same outcome again: the fence no longer holds, nothing doubles
+    assert await finish(db, [outcome(c)]) == set()
+    assert len(h.attempts(database, "d1")) == 1
+
+
+async def test_retry_and_dead_letter_fields(db: Database, database: str) -> None:
+    h.insert(database, [h.delivery("r1"), h.delivery("r2")])
+    c1, c2 = await claim(db, 2)
+    before = h.query(database, "SELECT now() AS t")[0]["t"]
+    done = await finish(db, [
+        outcome(c1, "rendered", "provider_deferred", status_reason="451 later", provider_summary="451 later",
+                retry_ms=60_000, ladder_step=1),
+        outcome(c2, "dead_letter", "timed_out", status_reason="timed out", provider_summary="timed out",
+                dead_reason="retry ladder exhausted after 1 attempt: timed out"),
+    ])
+    assert done == {"r1", "r2"}
+    rows = h.deliveries(database, ["r1", "r2"])
+    r1 = rows["r1"]
+    assert r1["status"] == "rendered" and r1["ladder_step"] == 1 and r1["status_reason"] == "451 later"
+    assert timedelta(seconds=59) < r1["next_attempt_at"] - before < timedelta(seconds=61)
+    assert r1["schedule_entered_at"] >= before
+    r2 = rows["r2"]
+    assert r2["status"] == "dead_letter" and r2["next_attempt_at"] is None
+    dl = h.query(database, "SELECT * FROM mail.dead_letters")
+    reason = "retry ladder exhausted after 1 attempt: timed out"
+    assert [(d["delivery_id"], d["reason"]) for d in dl] == [("r2", reason)]
+    # The next claim of r1 reuses the stored content and counts the next attempt.
+    h.query(database, "UPDATE mail.deliveries SET next_attempt_at = now() WHERE delivery_id = 'r1' RETURNING 1")
+    [again] = await claim(db, 5)
+    assert again.delivery_id == "r1" and again.rendered and again.subject == "Subject r1"
+    assert again.attempt_count == 1 and again.ladder_step == 1
+    assert await finish(db, [outcome(again)]) == {"r1"}
+    assert [a["attempt_no"] for a in h.attempts(database, "r1")] == [1, 2]
+
+
+async def test_release_keeps_reason_and_schedule_age(db: Database, database: str) -> None:
+    from mailtrio.workers import release
+
+    h.insert(database, [h.delivery("k1")])
+    h.query(database, "UPDATE mail.deliveries SET status_reason = 'earlier', "
+                      "schedule_entered_at = now() - interval '1 hour' WHERE delivery_id = 'k1' RETURNING 1")
+    [c] = await claim(db, 1)
+    assert await finish(db, [release(c)]) == {"k1"}
+    row = h.deliveries(database, ["k1"])["k1"]
+    assert row["status"] == "rendered" and row["status_reason"] == "earlier" and row["attempt_count"] == 0
+    assert row["next_attempt_at"] is not None and row["lease_owner"] is None
+    assert row["schedule_entered_at"] < datetime.now(row["schedule_entered_at"].tzinfo) - timedelta(minutes=59)
+    assert h.attempts(database, "k1") == []
+
+
+async def test_rescue_expired_leases_exactly_once(db: Database, database: str) -> None:
+    h.insert(database, [h.delivery(f"x{i}") for i in range(30)] + [h.delivery("live")])
+    dead = await claim(db, 30, owner="dead-instance", lease=0.0)
+    assert len(dead) == 30
+    h.query(database, "UPDATE mail.payloads SET subject = NULL, text_body = NULL, html_body = NULL, "
+                      "rendered_at = NULL WHERE delivery_id = 'x0' RETURNING 1")
+    assert [c.delivery_id for c in await claim(db, 1, owner="live-instance", lease=300.0)] == ["live"]
+    results: list[list[dict[str, object]]] = []
+
+    async def rescuer(name: str) -> None:
+        results.append(await db.run(lambda conn: store.rescue_expired(conn, rescuer=name, limit=7)))
+
+    for _ in range(3):
+        async with trio.open_nursery() as n:
+            for k in range(3):
+                n.start_soon(rescuer, f"rescuer-{k}")
+    rescued = [str(r["delivery_id"]) for batch in results for r in batch]
+    assert sorted(rescued) == sorted(c.delivery_id for c in dead)  # each exactly once, not the live one
+    rows = h.deliveries(database)
+    assert rows["live"]["status"] == "sending"
+    assert rows["x0"]["status"] == "queued"  # no stored content: back to queued
+    assert all(rows[f"x{i}"]["status"] == "rendered" for i in range(1, 30))
+    for i in range(30):
+        r = rows[f"x{i}"]
+        assert r["next_attempt_at"] is not None and r["lease_owner"] is None and r["attempt_count"] == 1
+        [a] = h.attempts(database, f"x{i}")
+        assert a["status"] == "interrupted" and a["instance_id"] == "dead-instance"
+        assert a["details"]["rescued_by"].startswith("rescuer-")
+    # a late outcome from the dead instance cannot land any more
+    assert await finish(db, [outcome(dead[1])], owner="dead-instance") == set()
