@@ -36,18 +36,19 @@ def base_env(**overrides: str) -> dict[str, str]:
 class ServeProcess:
     """One `python -m mailtrio <args>` process with its stdout parsed as JSON log lines."""
 
-    def __init__(self, env: Mapping[str, str], args: tuple[str, ...] = ("serve",)) -> None:
+    def __init__(self, env: Mapping[str, str], args: tuple[str, ...] = ("serve",), *,
+                 command: tuple[str, ...] = (sys.executable, "-m", "mailtrio"), cwd: Path = ROOT) -> None:
         self.env = dict(env)
         self.lines: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._cond = threading.Condition()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailtrio", *args],
+            [*command, *args],
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            cwd=str(ROOT),
+            cwd=str(cwd),
         )
         self.stderr = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
