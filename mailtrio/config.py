@@ -154,27 +154,33 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
     "MAIL_INSTANCE_ID": (False, "<hostname>-<pid>", "consumer name and lease owner"),
     "MAIL_REDIS_CLAIM_IDLE": (False, "1m", "entries pending this long on another consumer are claimed"),
     "MAIL_POSTGRES_PRIMARY_DSN": (True, "", "libpq URI or key=value DSN (never logged)"),
-    "MAIL_POSTGRES_POOL_SIZE": (False, "10", "PostgreSQL pool size"),
-    "MAIL_TEMPLATE_DIR": (True, "", "template catalog root"),
+    "MAIL_POSTGRES_POOL_SIZE": (False, "10", "PostgreSQL pool size (2-1000)"),
+    "MAIL_TEMPLATE_DIR": (True, "", "template catalog root: `<template_id>/<locale>/subject.txt.j2`, `body.txt.j2`, "
+                          "optional `body.html.j2`, shared `_partials/`; must be a directory"),
     "MAIL_DEFAULT_LOCALE": (False, "en", "last step of locale fallback"),
-    "MAIL_SMTP_MODE": (True, "", "smtp or stub"),
+    "MAIL_SMTP_MODE": (True, "", "`smtp`, or `stub` (sends nothing: authsession ends `suppressed`, "
+                       "notification `sent`)"),
     "MAIL_SMTP_ADDR": (False, "", "host:port of the SMTP server (required with smtp)"),
     "MAIL_SMTP_FROM": (False, "Mail Service <no-reply@localhost>", "sender identity (required with smtp)"),
-    "MAIL_SMTP_USERNAME": (False, "", "SMTP AUTH user (with MAIL_SMTP_PASSWORD)"),
+    "MAIL_SMTP_USERNAME": (False, "", "SMTP AUTH user; both or neither with MAIL_SMTP_PASSWORD, only with "
+                           "starttls or tls"),
     "MAIL_SMTP_PASSWORD": (False, "", "SMTP AUTH password (never logged)"),
-    "MAIL_SMTP_TLS": (False, "starttls", "starttls, tls or none"),
+    "MAIL_SMTP_TLS": (False, "starttls", "`starttls` (required), `tls` (implicit) or `none` (local relays "
+                      "and tests)"),
     "MAIL_SMTP_CA_FILE": (False, "", "CA bundle to verify the SMTP server (default: system store)"),
     "MAIL_SMTP_TIMEOUT": (False, "30s", "bound on one SMTP transaction; lease = this + 15s"),
     "MAIL_INTERNAL_HTTP_ADDR": (False, "127.0.0.1:8080", "internal HTTP listener"),
     "MAIL_INTERNAL_HTTP_TOKEN": (False, "", "bearer token required on every route when set"),
-    "MAIL_SHUTDOWN_TIMEOUT": (False, "30s", "bound on the whole coordinated shutdown"),
-    "MAIL_ATTEMPT_WORKER_CONCURRENCY": (False, "16", "attempt workers"),
-    "MAIL_RETRY_LADDER": (False, "1m,5m,15m,1h,4h", "delay before retry 1, 2, ..."),
+    "MAIL_SHUTDOWN_TIMEOUT": (False, "30s", "bound on the whole coordinated shutdown (keep it below "
+                              "systemd's TimeoutStopSec)"),
+    "MAIL_ATTEMPT_WORKER_CONCURRENCY": (False, "16", "attempt workers (fed through a bounded memory channel)"),
+    "MAIL_RETRY_LADDER": (False, "1m,5m,15m,1h,4h", "delay before retry 1, 2, ...; a retryable failure after "
+                          "the last step dead-letters"),
     "MAIL_IDEMPOTENCY_TTL": (False, "168h", "how long an idempotency reservation is kept"),
     "MAIL_RETENTION_PERIOD": (False, "720h", "age after which terminal rows are deleted"),
     "MAIL_RETENTION_INTERVAL": (False, "1h", "how often the retention worker runs"),
-    "MAIL_LOG_FORMAT": (False, "json", "json or console"),
-    "MAIL_LOG_LEVEL": (False, "info", "debug, info, warning, error"),
+    "MAIL_LOG_FORMAT": (False, "json", "`json` (one object per line on stdout) or `console`"),
+    "MAIL_LOG_LEVEL": (False, "info", "debug, info, warning, error or critical"),
 }
 
 def postgres_dsn(env: Mapping[str, str]) -> str:
@@ -351,3 +357,22 @@ def _parse(env: Mapping[str, str]) -> Settings:
         log_format=log_format,
         log_level=log_level,
     )
+
+
+_REQUIRED_WITH_SMTP = ("MAIL_SMTP_ADDR", "MAIL_SMTP_FROM")
+
+
+def markdown_reference() -> str:
+    """The configuration reference table of the README, generated from VARIABLES (a test keeps the
+    README equal to this text)."""
+    rows = ["| variable | required | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, (is_required, default_value, meaning) in VARIABLES.items():
+        required_text = "yes" if is_required else ("with `smtp`" if name in _REQUIRED_WITH_SMTP else "no")
+        shown = f"`{default_value}`" if default_value else ""
+        if name == "MAIL_SMTP_FROM":
+            shown += " (stub mode)"
+        rows.append(f"| `{name}` | {required_text} | {shown} | {meaning} |")
+    rows.append("| `OTEL_*` | no | | standard OpenTelemetry SDK variables (`OTEL_EXPORTER_OTLP_ENDPOINT`, "
+                "`OTEL_TRACES_EXPORTER`, `OTEL_METRICS_EXPORTER`, `OTEL_SERVICE_NAME`, ...); with no exporter "
+                "configured nothing is exported |")
+    return "\n".join(rows) + "\n"
