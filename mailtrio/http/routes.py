@@ -47,6 +47,14 @@ def _not_found(delivery_id: str) -> ApiError:
     return ApiError("not_found", f"delivery {delivery_id!r} not found")
 
 
+def _verb_answer(result: store_api.VerbResult, did: str, refusal: str, status: int) -> Response:
+    if result.outcome == "not_found":
+        raise _not_found(did)
+    if result.outcome == "conflict":
+        raise ApiError("conflict", f"{refusal} (delivery {did!r} is {result.status})")
+    return _json(result.delivery, status)
+
+
 def register(app: QuartTrio, prefix: str) -> None:
     @app.get(f"{prefix}/deliveries/<delivery_id>")
     async def get_delivery(delivery_id: str) -> Response:
@@ -83,23 +91,13 @@ def register(app: QuartTrio, prefix: str) -> None:
     async def retry(delivery_id: str) -> Response:
         did = params.delivery_id(delivery_id)
         result = await _bounded(lambda: store_api.retry_delivery(_db(), did))
-        if result.outcome == "not_found":
-            raise _not_found(did)
-        if result.outcome == "conflict":
-            raise ApiError("conflict", f"only failed or dead_letter deliveries can be retried "
-                                       f"(delivery {did!r} is {result.status})")
-        return _json(result.delivery, 202)
+        return _verb_answer(result, did, "only failed or dead_letter deliveries can be retried", 202)
 
     @app.post(f"{prefix}/deliveries/<delivery_id>/cancel")
     async def cancel(delivery_id: str) -> Response:
         did = params.delivery_id(delivery_id)
         result = await _bounded(lambda: store_api.cancel_delivery(_db(), did))
-        if result.outcome == "not_found":
-            raise _not_found(did)
-        if result.outcome == "conflict":
-            raise ApiError("conflict", f"only queued or rendered deliveries can be cancelled "
-                                       f"(delivery {did!r} is {result.status})")
-        return _json(result.delivery)
+        return _verb_answer(result, did, "only queued or rendered deliveries can be cancelled", 200)
 
     @app.get(f"{prefix}/dead-letters")
     async def list_dead_letters() -> Response:

@@ -34,8 +34,12 @@ def rfc3339(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _recipients_json(value: dict[str, Any] | None) -> dict[str, list[Any]]:
+    recipients = value or {}
+    return {part: recipients.get(part, []) for part in ("to", "cc", "bcc")}
+
+
 def delivery_json(row: dict[str, Any], attempts: list[dict[str, Any]]) -> dict[str, Any]:
-    recipients = row["recipients"] or {}
     return {
         "delivery_id": row["delivery_id"],
         "source": row["source"],
@@ -45,11 +49,7 @@ def delivery_json(row: dict[str, Any], attempts: list[dict[str, Any]]) -> dict[s
         "template_id": row["template_id"],
         "locale": row["locale"],
         "resolved_locale": row["resolved_locale"],
-        "recipients": {
-            "to": recipients.get("to", []),
-            "cc": recipients.get("cc", []),
-            "bcc": recipients.get("bcc", []),
-        },
+        "recipients": _recipients_json(row["recipients"]),
         "send_at": rfc3339(row["send_at"]),
         "next_attempt_at": rfc3339(row["next_attempt_at"]),
         "attempt_count": row["attempt_count"],
@@ -89,8 +89,16 @@ async def _get_delivery(conn: Conn, delivery_id: str) -> dict[str, Any] | None:
     return delivery_json(row, await cur.fetchall())
 
 
-def _where(conditions: list[str]) -> str:
-    return " AND ".join(conditions) if conditions else "true"
+def _listing(name: str, conditions: list[str]) -> str:
+    """The named listing query with its filter conditions ANDed into its WHERE clause."""
+    return q(name).replace("{filters}", " AND ".join(conditions) if conditions else "true")
+
+
+async def _page(conn: Conn, sql: str, params: dict[str, Any], limit: int) -> tuple[list[dict[str, Any]], bool]:
+    """At most `limit` rows, and whether more follow (one row more is read to know)."""
+    cur = await conn.execute(sql, {**params, "limit": limit + 1})
+    rows = await cur.fetchall()
+    return rows[:limit], len(rows) > limit
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ async def list_deliveries(
 ) -> tuple[list[dict[str, Any]], DeliveryKey | None]:
     """One page, newest first; the key of its last item when more follow."""
     conditions: list[str] = []
-    params: dict[str, Any] = {"limit": limit + 1}
+    params: dict[str, Any] = {}
     for name in ("status", "source", "recipient"):
         value = getattr(flt, name)
         if value is not None:
@@ -114,13 +122,10 @@ async def list_deliveries(
     if after is not None:
         conditions.append(q("deliveries_filter_after"))
         params["after_created_at"], params["after_delivery_id"] = after
-    sql = q("deliveries_list").replace("{filters}", _where(conditions))
+    sql = _listing("deliveries_list", conditions)
 
     async def _list(conn: Conn) -> tuple[list[dict[str, Any]], DeliveryKey | None]:
-        cur = await conn.execute(sql, params)
-        rows = await cur.fetchall()
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, more = await _page(conn, sql, params, limit)
         by_id: dict[str, list[dict[str, Any]]] = {row["delivery_id"]: [] for row in rows}
         if rows:
             cur = await conn.execute(q("attempts_for_deliveries"), {"delivery_ids": list(by_id)})
@@ -210,7 +215,6 @@ async def cancel_delivery(db: Database, delivery_id: str) -> VerbResult:
 
 
 def dead_letter_json(row: dict[str, Any]) -> dict[str, Any]:
-    recipients = row["recipients"] or {}
     return {
         "delivery_id": row["delivery_id"],
         "reason": row["reason"],
@@ -218,11 +222,7 @@ def dead_letter_json(row: dict[str, Any]) -> dict[str, Any]:
         "source": row["source"],
         "status": row["status"],
         "template_id": row["template_id"],
-        "recipients": {
-            "to": recipients.get("to", []),
-            "cc": recipients.get("cc", []),
-            "bcc": recipients.get("bcc", []),
-        },
+        "recipients": _recipients_json(row["recipients"]),
         "attempt_count": row["attempt_count"],
         "message_id": row["message_id"],
         "last_attempt": (
@@ -242,17 +242,14 @@ async def list_dead_letters(
     db: Database, *, after: DeliveryKey | None, limit: int
 ) -> tuple[list[dict[str, Any]], DeliveryKey | None]:
     conditions: list[str] = []
-    params: dict[str, Any] = {"limit": limit + 1}
+    params: dict[str, Any] = {}
     if after is not None:
         conditions.append(q("dead_letters_filter_after"))
         params["after_created_at"], params["after_delivery_id"] = after
-    sql = q("dead_letters_list").replace("{filters}", _where(conditions))
+    sql = _listing("dead_letters_list", conditions)
 
     async def _list(conn: Conn) -> tuple[list[dict[str, Any]], DeliveryKey | None]:
-        cur = await conn.execute(sql, params)
-        rows = await cur.fetchall()
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, more = await _page(conn, sql, params, limit)
         last = (rows[-1]["created_at"], rows[-1]["delivery_id"]) if more else None
         return [dead_letter_json(row) for row in rows], last
 
@@ -276,20 +273,17 @@ async def list_malformed(
     db: Database, *, failure_code: str | None, after: int | None, limit: int
 ) -> tuple[list[dict[str, Any]], int | None]:
     conditions: list[str] = []
-    params: dict[str, Any] = {"limit": limit + 1}
+    params: dict[str, Any] = {}
     if failure_code is not None:
         conditions.append(q("malformed_filter_code"))
         params["failure_code"] = failure_code
     if after is not None:
         conditions.append(q("malformed_filter_after"))
         params["after_id"] = after
-    sql = q("malformed_list").replace("{filters}", _where(conditions))
+    sql = _listing("malformed_list", conditions)
 
     async def _list(conn: Conn) -> tuple[list[dict[str, Any]], int | None]:
-        cur = await conn.execute(sql, params)
-        rows = await cur.fetchall()
-        more = len(rows) > limit
-        rows = rows[:limit]
+        rows, more = await _page(conn, sql, params, limit)
         return [malformed_json(row) for row in rows], (rows[-1]["id"] if more else None)
 
     return await db.run(_list)
