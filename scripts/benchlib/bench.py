@@ -266,8 +266,11 @@ class Bench:
                                                           else str(entry_id))
         return sent
 
-    def _latencies(self, dsn: str, sent: dict[str, int], timeout: float) -> tuple[list[float], int]:
-        """Wait until these deliveries are final; return XADD->250 latencies (ms) and how many are missing."""
+    def _latencies(self, dsn: str, sent: dict[str, int], timeout: float) -> tuple[list[float], int, dict[str, Any]]:
+        """Wait until these deliveries are final; return XADD->250 latencies (ms), how many are
+        missing, and the latency split into stages by the service's own timestamps:
+        intake = XADD -> delivery committed (created_at), queue = committed -> claimed
+        (attempt started_at, the lease start), attempt = claimed -> 250 (finished_at)."""
         ids = list(sent)
 
         def final() -> bool:
@@ -279,18 +282,23 @@ class Bench:
         with contextlib.suppress(HarnessError):
             harness.wait_until(final, timeout, "offered deliveries to finish", interval=0.2)
         rows = harness.query_all(
-            dsn, "SELECT delivery_id, (extract(epoch FROM finished_at) * 1000)::float8 FROM mail.attempts "
-            "WHERE status = 'provider_accepted' AND delivery_id = ANY(%s)", (ids,))
-        lat = [float(ms) - sent[d] for d, ms in rows]
-        return lat, len(ids) - len(rows)
+            dsn, "SELECT a.delivery_id, (extract(epoch FROM d.created_at) * 1000)::float8, "
+            "(extract(epoch FROM a.started_at) * 1000)::float8, (extract(epoch FROM a.finished_at) * 1000)::float8 "
+            "FROM mail.attempts a JOIN mail.deliveries d USING (delivery_id) "
+            "WHERE a.status = 'provider_accepted' AND a.delivery_id = ANY(%s)", (ids,))
+        lat = [float(fin) - sent[d] for d, _c, _s, fin in rows]
+        stages: dict[str, Any] = {}
+        for name, values in (("intake", [float(c) - sent[d] for d, c, _s, _f in rows]),
+                             ("queue", [float(st) - float(c) for _d, c, st, _f in rows]),
+                             ("attempt", [float(f) - float(st) for _d, _c, st, f in rows])):
+            stages[name] = {"p50_ms": _round(harness.percentile(values, 50)),
+                            "p99_ms": _round(harness.percentile(values, 99))}
+        return lat, len(ids) - len(rows), stages
 
     @staticmethod
     def _summary(lat: list[float]) -> dict[str, float | None]:
-        def r(v: float | None) -> float | None:
-            return None if v is None else round(v, 1)
-
-        return {"p50_ms": r(harness.percentile(lat, 50)), "p95_ms": r(harness.percentile(lat, 95)),
-                "p99_ms": r(harness.percentile(lat, 99)), "max_ms": r(max(lat) if lat else None)}
+        return {"p50_ms": _round(harness.percentile(lat, 50)), "p95_ms": _round(harness.percentile(lat, 95)),
+                "p99_ms": _round(harness.percentile(lat, 99)), "max_ms": _round(max(lat) if lat else None)}
 
     def latency(self) -> dict[str, Any]:
         out: dict[str, Any] = {"time_source": "XADD = stream entry id ms; 250 = attempts.finished_at"}
@@ -303,9 +311,9 @@ class Bench:
                 t_start = time.perf_counter()
                 sent = self._paced(key, lambda i, run=run: commands.command(run, i), count, load)
                 offered = count / (time.perf_counter() - t_start)
-                lat, missing = self._latencies(dsn, sent, timeout=max(30.0, count / 50))
+                lat, missing, stages = self._latencies(dsn, sent, timeout=max(30.0, count / 50))
                 out[str(load)] = {"deliveries": count, "offered_per_s": round(offered, 1), "measured": len(lat),
-                                  "missing": missing, **self._summary(lat)}
+                                  "missing": missing, **self._summary(lat), "stages": stages}
             out.update(self.finish(serve, spy))
         return out
 
@@ -327,7 +335,7 @@ class Bench:
             sent = self._paced(key, lambda i: commands.command(run, i, source="authsession"),
                                self.sizes.auth_count, self.sizes.auth_rate)
             depth_end = waiting()
-            lat, missing = self._latencies(dsn, sent, timeout=60.0)
+            lat, missing, stages = self._latencies(dsn, sent, timeout=60.0)
             foot = self.finish(serve, spy)
         s = self._summary(lat)
         return {"backlog": b, "notification_waiting_at_start": depth_start,
@@ -335,7 +343,7 @@ class Bench:
                 "auth_deliveries": self.sizes.auth_count, "auth_rate_per_s": self.sizes.auth_rate,
                 "measured": len(lat), "missing": missing,
                 "auth_p50_ms": s["p50_ms"], "auth_p95_ms": s["p95_ms"], "auth_p99_ms": s["p99_ms"],
-                "auth_max_ms": s["max_ms"], **foot}
+                "auth_max_ms": s["max_ms"], "stages": stages, **foot}
 
     # --- driver ------------------------------------------------------------------------------
 
@@ -357,6 +365,10 @@ class Bench:
             self.sink.stop()
         self.procs.stop_all()
         self.redis.close()
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
 
 
 def per_item(foot: dict[str, Any], n: int) -> dict[str, Any]:
@@ -386,6 +398,10 @@ def override(sizes: Sizes, items: list[str]) -> Sizes:
 def shutil_which(name: str) -> str | None:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else shutil.which(name)
+
+
+def _stages(stages: dict[str, Any]) -> str:
+    return " / ".join(str(stages[k]["p50_ms"]) for k in ("intake", "queue", "attempt"))
 
 
 def table(results: dict[str, Any]) -> str:
@@ -427,8 +443,10 @@ def table(results: dict[str, Any]) -> str:
                     tgt = "p50 < 20, p99 < 100"
                 add(scn, f"{load}/s p50/p95/p99 ms",
                     f"{lr['p50_ms']} / {lr['p95_ms']} / {lr['p99_ms']} (missing {lr['missing']})", tgt)
+                add(scn, f"{load}/s p50 intake/queue/attempt ms", _stages(lr["stages"]))
         elif scn == "fairness":
             add(scn, "authsession p99 ms behind backlog", res["auth_p99_ms"], TARGETS["fairness.auth_p99_ms"])
+            add(scn, "p50 intake/queue/attempt ms", _stages(res["stages"]))
             add(scn, "notification waiting start/end",
                 f"{res['notification_waiting_at_start']} / {res['notification_waiting_at_end']}")
         if "peak_rss_mb" in res:
