@@ -88,7 +88,7 @@ _SPECIAL_USE_TLDS: Final = frozenset(("arpa", "invalid", "local", "localhost", "
 
 
 # -- results ------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Command:
     """A well-formed command, ready to be stored as a `queued` delivery."""
 
@@ -153,7 +153,11 @@ def validate(
 def _validate(
     entry_id: str, fields: Mapping[Any, Any], now: datetime, has_template: Callable[[str], bool]
 ) -> Command:
-    raw = {_as_bytes(k): v for k, v in fields.items()}
+    raw: Mapping[bytes, Any]
+    if all(type(k) is bytes for k in fields):
+        raw = fields
+    else:
+        raw = {_as_bytes(k): v for k, v in fields.items()}
 
     # Parse the payload first (if it can be read at all) so that unsafe_header wins over
     # every other finding, as the contract requires.
@@ -178,7 +182,7 @@ def _validate(
 
     # Entry fields present?
     for name in REQUIRED_FIELDS:
-        if raw.get(name.encode()) is None:
+        if raw.get(_KEYS[name]) is None:
             if payload_error is not None:
                 raise payload_error
             raise _Reject("missing_field", f"required field {name!r} is missing")
@@ -302,12 +306,17 @@ def _as_bytes(value: Any) -> bytes:
     return str(value).encode("utf-8", "surrogatepass")
 
 
+_KEYS: Final = {name: name.encode() for name in (*REQUIRED_FIELDS, "send_at", "traceparent")}
+
+
 def _text(raw: Mapping[bytes, Any], name: str) -> str:
     """The value of an entry field as text; invalid UTF-8 is an invalid field."""
-    value = raw.get(name.encode())
+    value = raw.get(_KEYS[name])
     if value is None:
         return ""
     try:
+        if type(value) is bytes:
+            return value.decode()
         return _as_bytes(value).decode("utf-8")
     except UnicodeDecodeError:
         raise _Reject("invalid_field", f"{name} is not valid UTF-8") from None

@@ -84,6 +84,14 @@ class Stream:
             scope.shield = True
             await bridge.call(self.client.aclose)
 
+    async def reset(self) -> None:
+        """Drop every pooled connection (after a failure: idle ones may be dead too)."""
+        with trio.move_on_after(CALL_TIMEOUT):
+            try:
+                await bridge.call(self.client.connection_pool.disconnect)
+            except (RedisError, OSError):
+                pass
+
     # -- consumer group ------------------------------------------------------------------------
     async def ensure_group(self) -> bool:
         """Create the consumer group at ID 0 (MKSTREAM) unless it exists; True when created."""

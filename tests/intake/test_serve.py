@@ -268,7 +268,7 @@ def test_client_kill_and_a_lost_group_while_serving(
             batch = [entry(delivery_id=f"ck-{round_}-{i}") for i in range(50)]
             preload(redis_client, stream_key, batch)
             expected |= {e["delivery_id"] for e in batch}
-            assert _kill_clients(redis_client, name) >= 1
+            wait_until(lambda: _kill_clients(redis_client, name) >= 1, what="a consumer connection to kill")
             wait_until(lambda n=len(expected): tables.count("deliveries") >= n, what=f"round {round_}")
         proc.wait_for("command consumer error; retrying")
         proc.wait_for("command consumer recovered")
