@@ -7,10 +7,13 @@ variable, before any network I/O), 1 any other startup or runtime failure (one c
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mailtrio import __version__
 
@@ -58,10 +61,36 @@ def cmd_serve(_: argparse.Namespace) -> int:
         logger.error("runtime failure", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
         code = _fail(EXIT_FAILURE, f"runtime failure: {type(exc).__name__}: {exc}")
     finally:
-        tel.shutdown()
+        _flush_telemetry(tel, logger)
     if code == EXIT_OK:
         logger.info("shutdown complete")
     return code
+
+
+# An unreachable or stalled collector must not hold the exit (the OTLP exporters retry for up
+# to their own 10 s timeout each): the flush gets this long, then the process goes on.
+TELEMETRY_FLUSH_BOUND = 3.0
+
+
+def _flush_telemetry(tel: Any, logger: Any) -> None:
+    """Flush and stop the OpenTelemetry providers in a helper thread, bounded in time."""
+    # This is the providers' shutdown: the SDK's own at-exit shutdown would wait again, unbounded.
+    for provider in (tel.tracer_provider, tel.meter_provider):
+        atexit.unregister(provider.shutdown)
+    done = threading.Event()
+
+    def flush() -> None:
+        try:
+            tel.shutdown()
+        except Exception as exc:
+            logger.warning("telemetry flush failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            done.set()
+
+    threading.Thread(target=flush, name="otel-flush", daemon=True).start()
+    if not done.wait(TELEMETRY_FLUSH_BOUND):
+        logger.warning("telemetry flush did not finish in time; unexported data dropped",
+                       timeout_s=TELEMETRY_FLUSH_BOUND)
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:

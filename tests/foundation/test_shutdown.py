@@ -12,7 +12,9 @@ from typing import Any
 import psycopg
 import pytest
 
+from mailtrio.cli import TELEMETRY_FLUSH_BOUND
 from mailtrio.store.migrations import GOOSE_LOCK_ID
+from tests.foundation.conftest import TcpSink
 from tests.support.serve import ServeProcess
 
 SERVICE_STOP_LINES = ["command consumer stopped", "attempt worker pool stopped"]
@@ -118,3 +120,22 @@ def test_signal_during_startup_stops_without_serving(service_env: dict[str, str]
     assert elapsed < 5
     assert "internal http listener started" not in events
     assert events[-1] == "shutdown complete"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_a_stalled_telemetry_collector_does_not_hold_the_exit(
+    service_env: dict[str, str], tcp_sink: TcpSink, protocol: str
+) -> None:
+    """Spans and metrics are flushed at exit, but a collector that accepts and never answers only
+    gets TELEMETRY_FLUSH_BOUND; the exporters' own retries (10 s each) are not waited for."""
+    timeout = 3.0
+    env = {**service_env, "MAIL_SHUTDOWN_TIMEOUT": f"{timeout:g}s",
+           "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{tcp_sink.addr}", "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
+    with ServeProcess(env) as proc:
+        proc.wait_ready()
+        assert proc.http("GET", "/api/v1/internal/deliveries/x")[0] == 404  # a span to export
+        code, elapsed = _timed_stop(proc)
+    assert code == 0, proc.stderr
+    assert tcp_sink.count >= 1  # the exporters did try the collector
+    assert elapsed < timeout + TELEMETRY_FLUSH_BOUND + 2.0, elapsed
+    assert proc.events()[-1] == "shutdown complete"
