@@ -171,3 +171,40 @@ def wait_status(
 def status_counts(dsn: str) -> dict[str, int]:
     rows = query(dsn, "SELECT status, count(*) AS n FROM mail.deliveries GROUP BY status")
     return {r["status"]: r["n"] for r in rows}
+
+
+def entry(
+    delivery_id: str,
+    *,
+    source: str = "notification",
+    template_id: str = "login-code",
+    locale: str = "en",
+    to: Sequence[Any] = ("someone@example.com",),
+    variables: dict[str, Any] | None = None,
+    send_at: datetime | None = None,
+    idempotency_key: str | None = None,
+    traceparent: str | None = None,
+) -> dict[str, str]:
+    """A well-formed command stream entry (CONTRACT §4) in template mode."""
+    payload = {"template_id": template_id, "to": list(to),
+               "variables": variables if variables is not None else {"code": "123456"}}
+    fields = {
+        "delivery_id": delivery_id,
+        "source": source,
+        "idempotency_key": idempotency_key or f"key-{delivery_id}",
+        "payload_mode": "template",
+        "locale": locale,
+        "payload": json.dumps(payload),
+    }
+    if send_at is not None:
+        fields["send_at"] = send_at.isoformat()
+    if traceparent is not None:
+        fields["traceparent"] = traceparent
+    return fields
+
+
+def xadd(redis_client: Any, stream_key: str, entries: Iterable[dict[str, str]]) -> None:
+    pipe = redis_client.pipeline(transaction=False)
+    for fields in entries:
+        pipe.xadd(stream_key, fields)
+    pipe.execute()

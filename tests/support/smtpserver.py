@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import ssl
 import subprocess
 import sys
@@ -35,11 +36,12 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+
+_MESSAGE_ID_RE = re.compile(rb"(?im)^Message-ID:[ \t]*(<[^>\r\n]*>)")
 
 RCPT_REPLIES = {
     "defer": "451 4.3.0 Temporary local problem, try again later",
@@ -81,7 +83,7 @@ class _Handler:
     def _write(self, entry: dict[str, Any]) -> None:
         entry["ts"] = time.time()
         self.record.write(json.dumps(entry) + "\n")
-        self.record.flush()
+        self.record.flush()  # tests read the file as soon as the client has its reply
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -106,14 +108,15 @@ class _Handler:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         data: bytes = envelope.original_content or envelope.content
-        headers = BytesHeaderParser().parsebytes(data)
+        found = _MESSAGE_ID_RE.search(data.split(b"\r\n\r\n", 1)[0])
         entry = {
-            "message_id": headers.get("Message-ID"),
+            "message_id": found.group(1).decode() if found else None,
             "mail_from": envelope.mail_from,
             "rcpt_tos": list(envelope.rcpt_tos),
             "size": len(data),
             "auth": session.authenticated,
             "tls": session.ssl is not None or self.implicit_tls,
+            "data": data.decode("utf-8", "surrogateescape"),
         }
         for address in envelope.rcpt_tos:
             rule = self._rule_for(address)
@@ -134,7 +137,7 @@ class _Handler:
                 if server.transport is None or server.transport.is_closing():
                     self._write({"event": "abandoned", **entry})
                     return "451 4.4.2 client gone"
-        self._write({"event": "accepted", "data": data.decode("utf-8", "surrogateescape"), **entry})
+        self._write({"event": "accepted", **entry})
         return "250 2.0.0 Ok: queued"
 
 
@@ -185,10 +188,15 @@ def _serve(config: dict[str, Any]) -> None:
             factory, host="127.0.0.1", port=int(config.get("port", 0)),
             ssl=ctx if tls_mode == "tls" else None,
         )
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
         port = server.sockets[0].getsockname()[1]
         print(f"ready port={port}", flush=True)
-        async with server:
-            await server.serve_forever()
+        try:
+            await stop.wait()
+        finally:
+            handler.record.flush()
+            server.close()
 
     asyncio.run(main())
 
