@@ -29,6 +29,7 @@ from functools import lru_cache
 from typing import Any, Final
 
 import langcodes
+import orjson
 from email_validator import EmailNotValidError, validate_email
 
 # -- the contract's limits -------------------------------------------------------------------
@@ -290,7 +291,7 @@ def _validate(
         send_at=send_at,
         traceparent=traceparent,
         payload_json=canonical,
-        recipients_json=_COMPACT.encode(recipients),
+        recipients_json=orjson.dumps(recipients).decode(),
         fingerprint=hashlib.sha256(material.encode()).hexdigest(),
     )
 
@@ -336,11 +337,26 @@ def _finite_float(text: str) -> float:
 # Built once: json.loads/dumps with options would build a new decoder/encoder on every call.
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# orjson turns integers beyond 64 bits into floats: such payloads take the exact path.
+_LONG_INT_RE = re.compile(rb"[0-9]{19}")
 
 
 def _parse_payload(data: bytes) -> tuple[Any, str]:
-    """Parse the payload; return it with its canonical JSON text (keys sorted, compact)."""
+    """Parse the payload; return it with its canonical JSON text (keys sorted, compact).
+
+    orjson does the common case (it also rejects invalid UTF-8, unpaired surrogate escapes,
+    NaN/Infinity and nesting deeper than 1024). A payload with an integer of 19 digits or more
+    goes through the standard library instead, which keeps such integers exact."""
+    if not _LONG_INT_RE.search(data):
+        try:
+            value = orjson.loads(data)
+            return value, orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+        except orjson.JSONDecodeError as exc:
+            if isinstance(exc.__cause__, UnicodeDecodeError) or "UTF-8" in str(exc):
+                raise _Reject("invalid_json", "payload is not valid UTF-8") from None
+            raise _Reject("invalid_json", f"payload is not valid JSON: {_short(str(exc))}") from None
+        except orjson.JSONEncodeError:
+            pass  # fall through to the exact path
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

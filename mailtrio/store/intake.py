@@ -12,12 +12,12 @@ inside a batch behaves exactly as the same repeat across two batches.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import orjson
 import psycopg
 
 from mailtrio.commands import Command, Malformed
@@ -173,12 +173,12 @@ async def insert_deliveries(conn: Conn, commands: Sequence[Command], message_dom
                 c.payload_mode,
                 c.template_id,
                 c.locale,
-                c.recipients_json,
+                orjson.Fragment(c.recipients_json),
                 None if c.send_at is None else c.send_at.isoformat(),
                 message_id_for(c.source, c.delivery_id, message_domain),
                 c.traceparent,
                 c.stream_entry_id,
-                c.payload_json,
+                orjson.Fragment(c.payload_json),
             ]
             for c in commands
         ]
@@ -207,12 +207,10 @@ async def prior_outcomes(conn: Conn, commands: Iterable[Command], malformed: Ite
     return {row["stream_entry_id"] for row in await cur.fetchall()}
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
 def _json(rows: list[list[Any]]) -> str:
-    """Rows as one JSON array of arrays (the statements read columns by position)."""
-    return _ENCODER.encode(rows)
+    """Rows as one JSON array of arrays (the statements read columns by position). Payloads
+    and recipients are embedded as the JSON they already are (orjson.Fragment), not re-escaped."""
+    return orjson.dumps(rows).decode()
 
 
 def _reservation_rows(commands: Sequence[Command]) -> str:

@@ -1,7 +1,8 @@
 -- The command consumer (CONTRACT §4): one transaction per stream batch, multi-row statements.
 -- A batch travels as one JSON parameter, an array of row arrays (%(rows)s, read with
--- jsonb_array_elements and ->> by position): one C-speed encode on each side, where psycopg's
--- per-column arrays cost far more in Python than the statement itself. Rows are handled in key order so that two
+-- jsonb_array_elements and ->/->> by position): one C-speed encode on each side, where psycopg's
+-- per-column arrays cost far more in Python than the statement itself. Payloads and recipients
+-- arrive as JSON values inside it, parsed once. Rows are handled in key order so that two
 -- consumers committing overlapping batches take their row locks in the same order.
 
 -- name: intake_reserve
@@ -36,9 +37,9 @@ JOIN (SELECT e ->> 0 AS source, e ->> 1 AS idempotency_key
 -- the deliveries inserted here. next_attempt_at = schedule_entered_at = max(now, send_at).
 WITH c AS (
     SELECT e ->> 0 AS delivery_id, e ->> 1 AS source, e ->> 2 AS idempotency_key, e ->> 3 AS payload_mode,
-           e ->> 4 AS template_id, e ->> 5 AS locale, (e ->> 6)::jsonb AS recipients,
+           e ->> 4 AS template_id, e ->> 5 AS locale, e -> 6 AS recipients,
            (e ->> 7)::timestamptz AS send_at, e ->> 8 AS message_id, e ->> 9 AS traceparent,
-           e ->> 10 AS stream_entry_id, e ->> 11 AS payload
+           e ->> 10 AS stream_entry_id, e -> 11 AS payload
     FROM jsonb_array_elements(%(rows)s::jsonb) AS e
 ), d AS (
     INSERT INTO mail.deliveries
@@ -58,7 +59,7 @@ WITH c AS (
     RETURNING delivery_id
 ), p AS (
     INSERT INTO mail.payloads (delivery_id, payload)
-    SELECT c.delivery_id, c.payload::jsonb FROM c JOIN d ON d.delivery_id = c.delivery_id
+    SELECT c.delivery_id, c.payload FROM c JOIN d ON d.delivery_id = c.delivery_id
 )
 SELECT delivery_id FROM d;
 

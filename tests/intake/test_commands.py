@@ -245,6 +245,15 @@ def test_payload_size_limit_is_512_kib_of_the_raw_value() -> None:
     assert code_of(entry(payload=over)) == "payload_too_large"
 
 
+def test_large_integers_and_unicode_in_payloads_are_kept_exactly() -> None:
+    body = payload(variables={"big": 123456789012345678901234567890, "neg": -98765432109876543210, "name": "Zoé 😀"})
+    cmd = accepted(entry(payload_obj=body))
+    assert json.loads(cmd.payload_json)["variables"] == body["variables"]
+    assert "123456789012345678901234567890" in cmd.payload_json
+    bad_utf8 = check(entry(payload=b'{"template_id": "login-code", "to": ["\xff@example.com"]}'))
+    assert isinstance(bad_utf8, Malformed) and bad_utf8.failure_code == "invalid_json"
+
+
 def test_precedence_follows_the_contract_order() -> None:
     # too large beats missing fields; invalid JSON beats missing fields
     assert code_of(entry(payload="x" * (600 * 1024), source=DROP)) == "payload_too_large"
