@@ -401,6 +401,7 @@ class Drill:
             "dead_letters": dead_letters,
             "server": dict(kinds),
             "drained": drained,
+            "seconds": round(time.time() - self.t0, 1),
             "sigterm_exits": self.sigterm_exits,
             "unexpected_exits": self.unexpected_exits,
             "status_counts": dict(Counter(status.values())),
@@ -444,6 +445,7 @@ def report(r: dict[str, Any]) -> str:
          f"{r['server'].get('accepted', 0)} / {r['server'].get('deferred', 0)} / {r['server'].get('dropped', 0)}"),
         ("instance exits on SIGTERM (code)", ", ".join(str(e["code"]) for e in r["sigterm_exits"])),
         ("instances that exited on their own", len(r["unexpected_exits"])),
+        ("drill seconds (setup to verdict)", r["seconds"]),
         ("verdict", "PASS" if r["ok"] else "FAIL"),
     ]
     width = max(len(k) for k, _ in rows)
