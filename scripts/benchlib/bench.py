@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -309,7 +310,7 @@ class Bench:
                 count = max(1, int(load * self.sizes.load_seconds))
                 run = f"lt{self.run_id}x{load}"
                 t_start = time.perf_counter()
-                sent = self._paced(key, lambda i, run=run: commands.command(run, i), count, load)
+                sent = self._paced(key, functools.partial(commands.command, run), count, load)
                 offered = count / (time.perf_counter() - t_start)
                 lat, missing, stages = self._latencies(dsn, sent, timeout=max(30.0, count / 50))
                 out[str(load)] = {"deliveries": count, "offered_per_s": round(offered, 1), "measured": len(lat),

@@ -63,7 +63,7 @@ class FaultHandler:
             return "451 4.3.0 Temporary failure, try again later"
         if self.rnd.random() * 100 < self.drop_pct:
             self._write(kind="dropped", t=time.time(), **rec)
-            if server.transport is not None:
+            if isinstance(server.transport, asyncio.Transport):
                 server.transport.abort()
             # The connection is gone: aiosmtpd cancels this handler when it notices.
             await asyncio.sleep(3600)

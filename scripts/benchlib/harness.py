@@ -387,7 +387,7 @@ ADMIN_DSN = os.environ.get("MAILTRIO_BENCH_ADMIN_DSN", "postgresql://postgres@12
 def dsn_with_db(admin_dsn: str, dbname: str) -> str:
     params = psycopg.conninfo.conninfo_to_dict(admin_dsn)
     params["dbname"] = dbname
-    return psycopg.conninfo.make_conninfo(**params)
+    return psycopg.conninfo.make_conninfo("", **params)
 
 
 @contextlib.contextmanager
