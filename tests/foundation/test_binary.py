@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 from mailtrio import __version__
+from mailtrio.store import migrations
 from tests.conftest import REDIS_ADDR
 from tests.foundation.conftest import run_cli
 from tests.support.serve import ROOT, TEMPLATES, ServeProcess, free_port
@@ -115,10 +116,11 @@ def test_smoke_path(binary: Path, outside: Path, catalog: Path, empty_database: 
     migrated = run_cli(["migrate"], system_env(MAIL_POSTGRES_PRIMARY_DSN=empty_database), command=(str(binary),),
                        cwd=outside, timeout=120)
     assert migrated.code == 0, migrated
-    assert migrated.stdout.startswith("applied 1 migration(s)")
+    versions = [m.version for m in migrations.load()]
+    assert migrated.stdout.strip() == f"applied {len(versions)} migration(s): {', '.join(map(str, versions))}"
     with psycopg.connect(empty_database) as conn:
         rows = conn.execute("SELECT version_id FROM mail.goose_db_version ORDER BY id").fetchall()
-    assert [r[0] for r in rows] == [0, 1]
+    assert [r[0] for r in rows] == [0, *versions]
 
     env = system_env(
         MAIL_REDIS_MASTER_ADDR=REDIS_ADDR,
