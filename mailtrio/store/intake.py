@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -28,6 +28,11 @@ from mailtrio.store.queries import q
 # The database refused a value of the batch (bad input for a type, a CHECK constraint): not
 # transient, so retrying the same batch would fail again.
 DataRejected: tuple[type[BaseException], ...] = (psycopg.DataError, psycopg.IntegrityError)
+
+
+# The scheduler is woken (NOTIFY mail_schedule, delivered at commit) when the batch created a
+# delivery due now or within this horizon; later ones it finds through its next-due wait.
+NOTIFY_HORIZON = timedelta(seconds=2)
 
 
 class ReservationVanished(Exception):
@@ -95,7 +100,8 @@ async def commit_batch(
         recorded = await insert_malformed(conn, to_record)
         for m in to_record:
             (result.rejected if m.stream_entry_id in recorded else result.already_rejected).append(m)
-    if result.accepted:
+    horizon = datetime.now(UTC) + NOTIFY_HORIZON
+    if any(c.send_at is None or c.send_at <= horizon for c in result.accepted):
         await conn.execute(q("intake_notify_schedule"))
         result.notified = True
     return result

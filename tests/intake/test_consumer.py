@@ -473,4 +473,11 @@ async def test_new_deliveries_wake_the_scheduler(intake_settings: Settings, xadd
         async with opened(intake_settings) as w:
             await drain(w.consumer)
         got = list(listener.notifies(timeout=5, stop_after=1))
-    assert [n.channel for n in got] == ["mail_schedule"]
+        assert [n.channel for n in got] == ["mail_schedule"]
+        # a batch of deliveries due later wakes nobody: the scheduler finds them by next-due
+        later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        xadd(entry(delivery_id="n-2", send_at=later))
+        async with opened(intake_settings) as w:
+            counts = totals(await drain(w.consumer))
+        assert counts["accepted"] == 1
+        assert list(listener.notifies(timeout=0.5, stop_after=1)) == []
