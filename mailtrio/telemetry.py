@@ -9,6 +9,7 @@ is exported.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -158,7 +159,8 @@ def _span_exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
     if name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        return ConsoleSpanExporter()
+        # stderr: stdout carries only the JSON log lines
+        return ConsoleSpanExporter(out=sys.stderr)
     if name == "otlp":
         if _otlp_protocol(env, "TRACES").startswith("http"):
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -176,7 +178,7 @@ def _metric_reader(name: str, env: Mapping[str, str]) -> MetricReader:
     if name == "console":
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
-        return PeriodicExportingMetricReader(ConsoleMetricExporter())
+        return PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr))
     if name == "otlp":
         if _otlp_protocol(env, "METRICS").startswith("http"):
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter

@@ -142,17 +142,17 @@ def test_console_exporter_of_a_real_service_prints_the_schedule_gauges(service_e
         values: dict[str, list[float]] = {}
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            values = _exported_gauges("\n".join(proc.raw))
+            values = _exported_gauges(proc.stderr)
             if 3 in values.get("mail.attempt_schedule.depth", []):
                 break
             time.sleep(0.2)
-        assert 3 in values.get("mail.attempt_schedule.depth", []), proc.raw[-40:]
+        assert 3 in values.get("mail.attempt_schedule.depth", []), proc.stderr[-4000:]
         assert any(600_000 <= v < 700_000 for v in values["mail.attempt_schedule.oldest_age_ms"])
         assert proc.stop() == 0
 
 
 def _exported_gauges(output: str) -> dict[str, list[float]]:
-    """Gauge values from the console exporter's JSON documents in the process output."""
+    """Gauge values from the console exporter's JSON documents (written to stderr, not the log)."""
     values: dict[str, list[float]] = {}
     decoder = json.JSONDecoder()
     for match in re.finditer(r'^\{\s*$', output, re.MULTILINE):
