@@ -223,7 +223,7 @@ def _validate(
         raise _Reject("invalid_field", "idempotency_key must be 1-200 printable characters")
     if mode is None:
         raise _Reject("invalid_field", f"payload_mode must be 'template' or 'rendered', got {_show(payload_mode)}")
-    send_at = _send_at(raw, now)
+    send_at, send_at_c = _send_at(raw, now)
     traceparent = _traceparent(raw)
 
     # Payload values.
@@ -278,7 +278,6 @@ def _validate(
     if template_id is not None and not has_template(template_id):
         raise _Reject("unknown_template", f"template {_show(template_id)} is not in the catalog")
 
-    send_at_c = "" if send_at is None else send_at.astimezone(UTC).isoformat()
     material = "\x1e".join((delivery_id, source, key, payload_mode, locale, send_at_c, canonical))
     return Command(
         stream_entry_id=entry_id,
@@ -461,29 +460,40 @@ def _check_headers(headers: Any) -> None:
             raise _Reject("invalid_field", f"header {_show(name)} must have a string value")
 
 
-def _send_at(raw: Mapping[bytes, Any], now: datetime) -> datetime | None:
+def _send_at(raw: Mapping[bytes, Any], now: datetime) -> tuple[datetime | None, str]:
+    """send_at parsed, with its canonical form (UTC ISO 8601) for the fingerprint."""
     text = _text(raw, "send_at")
     if not text:
-        return None
-    m = _RFC3339_RE.fullmatch(text)
-    if not m:
+        return None, ""
+    parsed = _parse_rfc3339(text)
+    if parsed is None:
         raise _Reject("invalid_field", f"send_at {_show(text)} is not an RFC 3339 timestamp with an offset")
-    date, time_, frac, offset = m.groups()
-    iso = f"{date}T{time_}{(frac or '')[:7]}{'+00:00' if offset in ('Z', 'z') else offset}"
-    try:
-        value = datetime.fromisoformat(iso)
-        if value.utcoffset() is None:
-            raise ValueError("no offset")
-        value.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise _Reject("invalid_field", f"send_at {_show(text)} is not a valid date and time") from None
+    value, canonical = parsed
     try:
         too_late = value > now + MAX_SEND_AHEAD
     except OverflowError:
         too_late = True
     if too_late:
         raise _Reject("invalid_field", f"send_at {_show(text)} is more than 366 days ahead")
-    return value
+    return value, canonical
+
+
+@lru_cache(maxsize=1024)
+def _parse_rfc3339(text: str) -> tuple[datetime, str] | None:
+    """RFC 3339 date-time with offset -> (aware datetime, UTC ISO form); None when invalid.
+    Cached: scheduled batches tend to share a handful of send_at values."""
+    m = _RFC3339_RE.fullmatch(text)
+    if not m:
+        return None
+    date, time_, frac, offset = m.groups()
+    iso = f"{date}T{time_}{(frac or '')[:7]}{'+00:00' if offset in ('Z', 'z') else offset}"
+    try:
+        value = datetime.fromisoformat(iso)
+        if value.utcoffset() is None:
+            return None
+        return value, value.astimezone(UTC).isoformat()
+    except (ValueError, OverflowError):
+        return None
 
 
 def _traceparent(raw: Mapping[bytes, Any]) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from psycopg.rows import tuple_row
 
 from mailtrio.commands import Command, Malformed
 from mailtrio.message import message_id_for
@@ -116,8 +117,9 @@ async def _commit_round(
     result: BatchResult,
     conflicts: list[Malformed],
 ) -> None:
-    cur = await conn.execute(q("intake_reserve"), {"ttl": ttl, "rows": _reservation_rows(round_)})
-    taken = {(row["source"], row["idempotency_key"]) for row in await cur.fetchall()}
+    tcur = conn.cursor(row_factory=tuple_row)
+    await tcur.execute(q("intake_reserve"), {"ttl": ttl, "rows": _reservation_rows(round_)})
+    taken = set(await tcur.fetchall())
     reserved = [c for c in round_ if (c.source, c.idempotency_key) in taken]
     blocked = [c for c in round_ if (c.source, c.idempotency_key) not in taken]
 
@@ -189,8 +191,9 @@ async def insert_deliveries(conn: Conn, commands: Sequence[Command], message_dom
             for c in commands
         ]
     )
-    cur = await conn.execute(q("intake_insert_deliveries"), {"rows": rows})
-    return {row["delivery_id"] for row in await cur.fetchall()}
+    tcur = conn.cursor(row_factory=tuple_row)
+    await tcur.execute(q("intake_insert_deliveries"), {"rows": rows})
+    return {row[0] for row in await tcur.fetchall()}
 
 
 async def insert_malformed(conn: Conn, rows: Sequence[Malformed]) -> set[str]:
