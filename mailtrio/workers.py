@@ -510,7 +510,19 @@ class WorkerPool:
             if delay is not None and self.on_retry_scheduled is not None:
                 self.on_retry_scheduled(delay)
 
-        await self.recorder.finish(finish, after)
+        try:
+            await self.recorder.finish(finish, after)
+        except trio.Cancelled:
+            # Cancelled while the recorder was backlogged: the server has answered, so write this
+            # outcome now rather than leave it to lease expiry (which would resend the message).
+            with trio.move_on_after(CLEANUP_SECONDS) as scope:
+                scope.shield = True
+                try:
+                    after(claim.delivery_id in await self.recorder.write_now([finish]))
+                except Exception as exc:
+                    _log.error("could not record an outcome at shutdown; its lease will expire",
+                               delivery_id=claim.delivery_id, error=_one_line(exc))
+            raise
 
     async def _cancelled(self, session: Session, job: Job) -> None:
         """The attempt was cancelled (shutdown deadline): record it and put the delivery back."""

@@ -163,17 +163,22 @@ async def claim_batch(
     limit: int,
     prepare: Callable[[list[Claim]], P],
 ) -> P:
-    """Claim due deliveries and, in the same transaction, store what `prepare` rendered for them
-    and fail those it could not render: one commit for the leases and the contents of a batch."""
-    async with conn.transaction():
-        claims = await claim_due(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
-        prepared = prepare(claims)
-        if prepared.contents or prepared.failures:
-            async with conn.pipeline():
-                if prepared.contents:
-                    await conn.execute(q("store_content"), {"owner": owner, "rows": _rows(prepared.contents)})
-                if prepared.failures:
-                    await conn.execute(q("finish_attempts"), {"owner": owner, "rows": _rows(prepared.failures)})
+    """Claim due deliveries, then store what `prepare` rendered for them and fail those it could
+    not render, in one pipelined round trip.
+
+    Two autocommit statements, not one transaction: the claim is durable on its own (a lease), and
+    the content write is fenced on that lease. Should the second statement never land, the lease
+    expires, the delivery is rescued without content and is rendered again by its next claim.
+    (Each explicit BEGIN/COMMIT would cost two more round trips through the asyncio bridge.)
+    """
+    claims = await claim_due(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
+    prepared = prepare(claims)
+    if prepared.contents or prepared.failures:
+        async with conn.pipeline():
+            if prepared.contents:
+                await conn.execute(q("store_content"), {"owner": owner, "rows": _rows(prepared.contents)})
+            if prepared.failures:
+                await conn.execute(q("finish_attempts"), {"owner": owner, "rows": _rows(prepared.failures)})
     return prepared
 
 
@@ -188,12 +193,14 @@ async def next_due(conn: Conn) -> float | None:
 
 async def finish_attempts(conn: Conn, *, owner: str, items: Sequence[Finish]) -> set[str]:
     """Record outcomes (fenced) in one statement; returns the delivery ids whose fence held."""
-    due_now = any(f.retry_ms == 0 for f in items)
-    async with conn.transaction(), conn.pipeline():
-        cur = await conn.execute(q("finish_attempts"), {"owner": owner, "rows": _rows(items)})
-        if due_now:
-            # Due again right now (put back at shutdown): let every instance's scheduler know.
-            await conn.execute(q("notify_schedule"))
+    rows = _rows(items)
+    if not any(f.retry_ms == 0 for f in items):
+        cur = await conn.execute(q("finish_attempts"), {"owner": owner, "rows": rows})
+        return {r["delivery_id"] for r in await cur.fetchall()}
+    async with conn.pipeline():
+        cur = await conn.execute(q("finish_attempts"), {"owner": owner, "rows": rows})
+        # Due again right now (put back at shutdown): let every instance's scheduler know.
+        await conn.execute(q("notify_schedule"))
     return {r["delivery_id"] for r in await cur.fetchall()}
 
 

@@ -6,6 +6,8 @@
 -- Claim up to %(limit)s due deliveries for %(owner)s: authsession first (its own partial index),
 -- then notification, each slice in next_attempt_at order, SKIP LOCKED so instances never wait on
 -- each other. One statement: the row locks, the lease and the payload read happen together.
+-- Each slice is limited by the plain parameter (so the planner knows the batch is small and joins
+-- by primary key); notification rows locked beyond the batch are merely left alone.
 WITH auth AS (
     SELECT delivery_id, next_attempt_at AS due, 0 AS prio
     FROM mail.deliveries
@@ -18,12 +20,12 @@ WITH auth AS (
     FROM mail.deliveries
     WHERE status IN ('queued', 'rendered') AND source = 'notification' AND next_attempt_at <= now()
     ORDER BY next_attempt_at
-    LIMIT greatest(%(limit)s - (SELECT count(*) FROM auth), 0)
+    LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), picked AS (
-    SELECT * FROM auth
-    UNION ALL
-    SELECT * FROM other
+    SELECT * FROM (SELECT * FROM auth UNION ALL SELECT * FROM other) u
+    ORDER BY prio, due
+    LIMIT %(limit)s
 )
 UPDATE mail.deliveries d
 SET status = 'sending',
