@@ -11,9 +11,17 @@ Where a batch comes from, in order of priority:
    periodically, so a crashed instance loses nothing;
 3. new entries (XREADGROUP `>` with a bounded BLOCK).
 
-`run` repeats `run_once` until cancelled. A failure of Redis or PostgreSQL (connection reset,
-restart, CLIENT KILL, lost consumer group) is logged and retried after a bounded exponential
-backoff; nothing is acknowledged that was not committed, and the consumer never exits on its own.
+`run` does the same until cancelled, with one overlap: while a batch of new entries is being
+committed and acknowledged, the next one is already read and validated (commits stay strictly in
+stream order). A failure of Redis or PostgreSQL (connection reset, restart, CLIENT KILL, lost
+consumer group) is logged and retried after a bounded exponential backoff, starting again from
+this consumer's pending entries; nothing is acknowledged that was not committed, and the consumer
+never exits on its own.
+
+Tracing: one `intake batch` span per batch, and an `intake command` span for each entry that
+carries a W3C `traceparent`, as a child of it (linked to the batch span). A delivery keeps the
+producer's `traceparent`, or the batch span's when the entry had none, so attempt spans can link
+to it. Rejection and duplicate log lines are written inside the entry's span (or the batch's).
 """
 
 from __future__ import annotations
@@ -113,12 +121,12 @@ class _Batch:
             yield
 
     def end(self, *, error: bool = False, exc: BaseException | None = None) -> None:
+        if exc is not None and isinstance(exc, Exception):
+            self.span.record_exception(exc)
         for span in (*self.spans.values(), self.span):
             if error:
                 span.set_status(Status(StatusCode.ERROR, "batch not committed or not acknowledged"))
             span.end()
-        if exc is not None and isinstance(exc, Exception):
-            self.span.record_exception(exc)
         self.spans.clear()
         self.span = trace.INVALID_SPAN
 
