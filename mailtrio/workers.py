@@ -322,18 +322,22 @@ class WorkerPool:
                     "mail.attempt_no": claim.attempt_count + 1,
                 },
             )
+            # Child spans are started and ended explicitly (no context switch: nothing logs inside).
+            render_span = None if claim.rendered else telemetry.tracer.start_span(
+                "render", context=trace.set_span_in_context(span),
+                attributes={"mail.template_id": claim.template_id or "", "mail.locale": claim.locale},
+            )
             try:
-                if claim.rendered:
-                    content, addressing = prepare(claim, self.catalog, self.sender)
-                else:
-                    with telemetry.tracer.start_as_current_span(
-                        "render", context=trace.set_span_in_context(span),
-                        attributes={"mail.template_id": claim.template_id or ""},
-                    ):
-                        content, addressing = prepare(claim, self.catalog, self.sender)
+                content, addressing = prepare(claim, self.catalog, self.sender)
             except (RenderError, message.ContentError) as exc:
+                if render_span is not None:
+                    render_span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+                    render_span.end()
                 out.failures.append(self._render_failed(claim, str(exc), span))
                 continue
+            if render_span is not None:
+                render_span.set_attribute("mail.resolved_locale", content.locale)
+                render_span.end()
             if not claim.rendered:
                 out.contents.append(
                     store.ContentWrite(
@@ -431,8 +435,10 @@ class WorkerPool:
     async def _send(self, session: Session, envelope: Envelope, data: bytes) -> SendReport:
         timeout = self.settings.smtp_timeout
         start = trio.current_time()
-        with telemetry.tracer.start_as_current_span("smtp send") as span:
-            span.set_attribute("mail.recipients", len(envelope.recipients))
+        span = telemetry.tracer.start_span(
+            "smtp send", attributes={"mail.recipients": len(envelope.recipients), "mail.provider": self.provider_name}
+        )
+        try:
             with trio.move_on_after(timeout) as scope:
                 report = await session.send(envelope, data)
             if scope.cancelled_caught:
@@ -448,7 +454,9 @@ class WorkerPool:
             span.set_attribute("mail.attempt_status", str(report.status))
             if report.status != AttemptStatus.PROVIDER_ACCEPTED:
                 span.set_status(Status(StatusCode.ERROR, report.summary))
-        return report
+            return report
+        finally:
+            span.end()
 
     async def _record(self, job: Job, report: SendReport) -> None:
         claim = job.claim

@@ -9,6 +9,8 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 
+import pytest
+
 from tests.engine import helpers as h
 from tests.engine.conftest import smtp_env
 from tests.engine.test_e2e_instances import instance
@@ -16,6 +18,7 @@ from tests.support.serve import ServeProcess
 from tests.support.smtpserver import SmtpTestServer
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_instance_loses_nothing(
     service_env: dict[str, str], smtp_factory: Callable[..., SmtpTestServer]
 ) -> None:

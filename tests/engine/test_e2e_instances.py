@@ -11,6 +11,8 @@ from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from tests.engine import helpers as h
 from tests.engine.conftest import smtp_env
 from tests.support.serve import ServeProcess, free_port
@@ -51,6 +53,7 @@ def test_scheduled_send_fires_once_on_time_with_two_instances(
         assert len(server.accepted_by_message_id()[rows[did]["message_id"]]) == 1
 
 
+@pytest.mark.slow
 def test_authsession_overtakes_a_notification_backlog(
     service_env: dict[str, str], smtp_factory: Callable[..., SmtpTestServer]
 ) -> None:
@@ -80,6 +83,7 @@ def test_authsession_overtakes_a_notification_backlog(
     assert before_it <= 3 * 8  # at most the claims in flight (3 overlapping claims of the 8 workers)
 
 
+@pytest.mark.slow
 def test_three_instances_deliver_every_command_exactly_once(
     service_env: dict[str, str], smtp_factory: Callable[..., SmtpTestServer], redis_client: Any, stream_key: str
 ) -> None:
