@@ -98,9 +98,8 @@ def assert_exactly_one_outcome(tables: Tables, ids: list[str], unique: set[str],
     assert tables.count("payloads") == len(unique)
 
 
-def metric_points(raw_lines: list[str], name: str) -> list[dict[str, Any]]:
-    """Data points of metric `name` in the console exporter's JSON documents on stdout."""
-    text = "\n".join(raw_lines)
+def metric_points(text: str, name: str) -> list[dict[str, Any]]:
+    """Data points of metric `name` in the console exporter's JSON documents (on stderr)."""
     decoder = json.JSONDecoder()
     points: list[dict[str, Any]] = []
     pos = 0
@@ -187,7 +186,7 @@ def test_rejections_are_logged_in_the_entry_trace_and_counted(
     # the repeated bad-1 entry is a second, separate malformed record (its own stream entry)
     assert len(tables.malformed()) == 5
     assert tables.deliveries()["ok-1"]["traceparent"] == TP
-    points = metric_points(proc.raw, "mail.stream_commands.malformed")
+    points = metric_points(proc.stderr, "mail.stream_commands.malformed")
     by_code: dict[str, int] = {}
     for p in points:
         by_code[p["attributes"]["failure_code"]] = max(by_code.get(p["attributes"]["failure_code"], 0), p["value"])
