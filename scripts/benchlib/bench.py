@@ -134,8 +134,14 @@ class Bench:
                                  "--format", "raw", "-o", str(out)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def finish(self, serve: Serve, spy: subprocess.Popen[bytes] | None) -> dict[str, Any]:
-        """Stop the service; its peak RSS, its CPU use and the machine's over the scenario."""
+    def finish(self, serve: Serve, spy: subprocess.Popen[bytes] | None, dsn: str) -> dict[str, Any]:
+        """Stop the service; its peak RSS, its CPU use, its PostgreSQL backends' CPU use and the
+        machine's over the scenario."""
+        pg_cpu = self.backend_cpu(dsn)
+        commits = None
+        with contextlib.suppress(Exception):
+            commits = int(harness.query_one(
+                dsn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
         rss = serve.peak_rss_mb()
         cpu_now = serve.cpu_seconds()
         cpu = None if cpu_now is None else cpu_now - self._cpu0
@@ -156,7 +162,23 @@ class Bench:
         return {"peak_rss_mb": None if rss is None else round(rss, 1), "exit_code": code,
                 "service_cpu_s": None if cpu is None else round(cpu, 2),
                 "service_cpu_share": None if cpu is None else round(cpu / max(wall, 1e-3), 3),
-                "machine_busy_share": round(busy, 3)}
+                "machine_busy_share": round(busy, 3),
+                "postgres_backends_cpu_s": None if pg_cpu is None else round(pg_cpu, 2),
+                "postgres_commits": commits}
+
+    @staticmethod
+    def backend_cpu(dsn: str) -> float | None:
+        """CPU seconds used so far by the PostgreSQL backends serving this scenario's database
+        (the service's pooled connections; readable when the server is local and we may read
+        its /proc entries)."""
+        try:
+            pids = harness.query_all(dsn, "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                                          "AND pid <> pg_backend_pid() AND application_name LIKE 'mailtrio:%%'")
+        except Exception:
+            return None
+        values = [harness.cpu_seconds(int(pid)) for (pid,) in pids]
+        known = [v for v in values if v is not None]
+        return sum(known) if known else None
 
     def t0(self, serve: Serve) -> float:
         started = serve.event_time("command consumer started")
@@ -189,7 +211,7 @@ class Bench:
             t0 = self.t0(serve)
             deliveries = harness.query_one(dsn, "SELECT count(*) FROM mail.deliveries")
             malformed = harness.query_one(dsn, "SELECT count(*) FROM mail.malformed_commands")
-            foot = self.finish(serve, spy)
+            foot = self.finish(serve, spy, dsn)
         elapsed = end - t0
         return {
             "commands": n, "expected_deliveries": len(mix.expected_ids), "duplicates_sent": mix.repeats,
@@ -236,7 +258,7 @@ class Bench:
                 " FROM mail.payloads")
             time.sleep(0.3)  # the sink updates its counter when "." is received; let it settle
             sink_count = self.sink.messages() - sink_before
-            foot = self.finish(serve, spy)
+            foot = self.finish(serve, spy, dsn)
         rate = n / (end - t0)
         # The same number of messages through the same sink with as many connections as workers.
         size = int(float(avg_size or 1000)) + 700  # body + typical header block
@@ -315,7 +337,7 @@ class Bench:
                 lat, missing, stages = self._latencies(dsn, sent, timeout=max(30.0, count / 50))
                 out[str(load)] = {"deliveries": count, "offered_per_s": round(offered, 1), "measured": len(lat),
                                   "missing": missing, **self._summary(lat), "stages": stages}
-            out.update(self.finish(serve, spy))
+            out.update(self.finish(serve, spy, dsn))
         return out
 
     def fairness(self) -> dict[str, Any]:
@@ -337,7 +359,7 @@ class Bench:
                                self.sizes.auth_count, self.sizes.auth_rate)
             depth_end = waiting()
             lat, missing, stages = self._latencies(dsn, sent, timeout=60.0)
-            foot = self.finish(serve, spy)
+            foot = self.finish(serve, spy, dsn)
         s = self._summary(lat)
         return {"backlog": b, "notification_waiting_at_start": depth_start,
                 "notification_waiting_at_end": depth_end, "backlog_held": depth_end > 0,
@@ -377,9 +399,14 @@ def per_item(foot: dict[str, Any], n: int) -> dict[str, Any]:
     holds even when other work on the machine takes CPU away from the service."""
     cpu = foot.get("service_cpu_s")
     if not cpu or not n:
-        return {"service_cpu_ms_per_item": None, "rate_per_core_s": None}
+        return {"service_cpu_ms_per_item": None, "rate_per_core_s": None, "postgres_cpu_ms_per_item": None}
     ms = 1000.0 * cpu / n
-    return {"service_cpu_ms_per_item": round(ms, 3), "rate_per_core_s": round(1000.0 / ms, 1)}
+    pg = foot.get("postgres_backends_cpu_s")
+    commits = foot.get("postgres_commits")
+    return {"service_cpu_ms_per_item": round(ms, 3), "rate_per_core_s": round(1000.0 / ms, 1),
+            "postgres_cpu_ms_per_item": None if pg is None else round(1000.0 * pg / n, 3),
+            # transactions committed in the scenario's database (the bench's own polling included)
+            "postgres_commits_per_item": None if commits is None else round(commits / n, 3)}
 
 
 def override(sizes: Sizes, items: list[str]) -> Sizes:
@@ -426,6 +453,7 @@ def table(results: dict[str, Any]) -> str:
             add(scn, "commands (5% dup, 2% malformed)", res["commands"])
             add(scn, "service CPU ms/command (-> per core/s)",
                 f"{res['service_cpu_ms_per_item']} (-> {res['rate_per_core_s']})")
+            add(scn, "PostgreSQL backends CPU ms/command", res["postgres_cpu_ms_per_item"])
             add(scn, "outcomes match", res["outcomes_match"])
         elif scn == "e2e":
             add(scn, "deliveries/s (XADD backlog -> 250)", res["deliveries_per_s"], TARGETS["e2e.deliveries_per_s"])
@@ -435,6 +463,8 @@ def table(results: dict[str, Any]) -> str:
             add(scn, "sent / sink accepted", f"{res['sent']} / {res['sink_accepted']}")
             add(scn, "service CPU ms/delivery (-> per core/s)",
                 f"{res['service_cpu_ms_per_item']} (-> {res['rate_per_core_s']})")
+            add(scn, "PostgreSQL backends CPU ms/delivery", res["postgres_cpu_ms_per_item"])
+            add(scn, "PostgreSQL commits/delivery", res["postgres_commits_per_item"])
         elif scn == "latency":
             for load, lr in res.items():
                 if not isinstance(lr, dict):
