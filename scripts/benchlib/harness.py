@@ -29,7 +29,16 @@ import redis
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "templates"
 PYTHON = sys.executable
-PG_BIN = Path(os.environ.get("MAILTRIO_PG_BIN", "/usr/lib/postgresql/15/bin"))
+def _pg_bin() -> Path:
+    """PostgreSQL's server binaries: $MAILTRIO_PG_BIN, else the newest /usr/lib/postgresql/N/bin."""
+    if os.environ.get("MAILTRIO_PG_BIN"):
+        return Path(os.environ["MAILTRIO_PG_BIN"])
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 SMTP_SINK = os.environ.get("MAILTRIO_SMTP_SINK", "/usr/sbin/smtp-sink")
 SMTP_SOURCE = os.environ.get("MAILTRIO_SMTP_SOURCE", "/usr/sbin/smtp-source")
 
