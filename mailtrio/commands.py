@@ -337,25 +337,27 @@ def _finite_float(text: str) -> float:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _CANONICAL = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 # orjson turns integers beyond 64 bits into floats: such payloads take the exact path.
-_LONG_INT_RE = re.compile(rb"[0-9]{19}")
+_LONG_INT_RE = re.compile(rb"\d\d\d\d\d\d\d\d\d\d\d\d\d\d\d\d\d\d\d")
 
 
 def _parse_payload(data: bytes) -> tuple[Any, str]:
     """Parse the payload; return it with its canonical JSON text (keys sorted, compact).
 
     orjson does the common case (it also rejects invalid UTF-8, unpaired surrogate escapes,
-    NaN/Infinity and nesting deeper than 1024). A payload with an integer of 19 digits or more
-    goes through the standard library instead, which keeps such integers exact."""
-    if not _LONG_INT_RE.search(data):
-        try:
-            value = orjson.loads(data)
-            return value, orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-        except orjson.JSONDecodeError as exc:
-            if isinstance(exc.__cause__, UnicodeDecodeError) or "UTF-8" in str(exc):
-                raise _Reject("invalid_json", "payload is not valid UTF-8") from None
-            raise _Reject("invalid_json", f"payload is not valid JSON: {_short(str(exc))}") from None
-        except orjson.JSONEncodeError:
-            pass  # fall through to the exact path
+    NaN/Infinity and nesting deeper than 1024). orjson reads an integer beyond 64 bits as a float,
+    which it then writes with an exponent: when the output has one and the input has a run of 19
+    digits, the standard library parses the payload again and keeps such integers exact."""
+    try:
+        value = orjson.loads(data)
+        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+        if b"e+" not in out or not _LONG_INT_RE.search(data):
+            return value, out.decode()
+    except orjson.JSONDecodeError as exc:
+        if isinstance(exc.__cause__, UnicodeDecodeError) or "UTF-8" in str(exc):
+            raise _Reject("invalid_json", "payload is not valid UTF-8") from None
+        raise _Reject("invalid_json", f"payload is not valid JSON: {_short(str(exc))}") from None
+    except orjson.JSONEncodeError:
+        pass  # fall through to the exact path
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

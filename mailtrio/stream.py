@@ -68,6 +68,8 @@ class Stream:
             health_check_interval=0,
             client_name=f"mailtrio:{settings.instance_id}",
             retry=Retry(NoBackoff(), 0),
+            # RESP2: stream replies map straight to redis-py's shapes (no RESP3 conversion)
+            protocol=2,
         )
 
     async def ping(self, *, within: float = 5.0) -> None:

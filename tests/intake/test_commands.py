@@ -254,6 +254,21 @@ def test_large_integers_and_unicode_in_payloads_are_kept_exactly() -> None:
     assert isinstance(bad_utf8, Malformed) and bad_utf8.failure_code == "invalid_json"
 
 
+_plain_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_plain_text, st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False),
+                                              _plain_text, st.lists(st.integers(), max_size=3)), max_size=6))
+def test_canonical_payload_keeps_every_value(body: dict[str, Any]) -> None:
+    value, canonical = commands._parse_payload(json.dumps(body).encode())
+    assert value == body
+    assert json.loads(canonical) == body
+    # canonical: the same content with other spacing and key order gives the same text
+    again = commands._parse_payload(json.dumps(dict(reversed(list(body.items()))), indent=1).encode())[1]
+    assert again == canonical
+
+
 def test_precedence_follows_the_contract_order() -> None:
     # too large beats missing fields; invalid JSON beats missing fields
     assert code_of(entry(payload="x" * (600 * 1024), source=DROP)) == "payload_too_large"
