@@ -35,7 +35,7 @@ ACTIVITY_LOG_INTERVAL = 60.0
 MAX_CLAIM = 500
 # Claims in flight at once: each one's commit waits for a WAL flush; overlapping them lets one
 # flush serve several (PostgreSQL's group commit) while workers keep turning over.
-CONCURRENT_CLAIMS = 3
+CONCURRENT_CLAIMS = 2
 # Bound on one scheduler query.
 QUERY_TIMEOUT = 15.0
 # A claim is shielded from cancellation (so a claim that committed is never lost to a shutdown,
