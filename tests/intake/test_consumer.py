@@ -12,7 +12,7 @@ import trio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from mailtrio import telemetry
-from mailtrio.commands import validate
+from mailtrio.commands import Malformed, validate
 from mailtrio.config import Settings
 from mailtrio.message import message_id_for, sender_domain
 from tests.intake.conftest import Tables, drain, entry, eventually, opened, payload, settings_for
@@ -481,3 +481,24 @@ async def test_new_deliveries_wake_the_scheduler(intake_settings: Settings, xadd
             counts = totals(await drain(w.consumer))
         assert counts["accepted"] == 1
         assert list(listener.notifies(timeout=0.5, stop_after=1)) == []
+
+
+async def test_an_entry_the_database_refuses_is_quarantined_alone(
+    intake_settings: Settings, tables: Tables
+) -> None:
+    """Validation keeps out what PostgreSQL cannot store; should something slip through anyway,
+    the batch is split until the refused entry is found, and only that one is quarantined."""
+    now = datetime.now(UTC)
+    fields = {f"{i}-0": {k.encode(): v.encode() for k, v in entry(delivery_id=f"db-{i}").items()} for i in range(1, 6)}
+    outcomes = [validate(i, f, now=now, has_template=lambda _: True) for i, f in fields.items()]
+    poisoned = outcomes[2]
+    assert not isinstance(poisoned, Malformed)
+    poisoned.payload_json = '{"to": ["a@example.com"], "x": "\\u0000"}'  # jsonb cannot hold NUL
+    async with opened(intake_settings) as w:
+        result = await w.consumer._commit(outcomes, fields, False)
+    assert sorted(c.delivery_id for c in result.accepted) == ["db-1", "db-2", "db-4", "db-5"]
+    [bad] = result.rejected
+    assert bad.stream_entry_id == "3-0" and bad.failure_code == "invalid_field"
+    assert bad.failure_detail.startswith("rejected by the database")
+    assert set(tables.deliveries()) == {"db-1", "db-2", "db-4", "db-5"}
+    assert tables.malformed()["3-0"]["delivery_id"] == "db-3"
