@@ -77,6 +77,8 @@ class Scheduler:
         self.released = 0
         self.render_failures = 0
         self.claimed_short = False
+        # seconds until the next delivery is due, as read with the last claim (None: none waits)
+        self.next_wait: float | None = None
 
     # -- wake-ups ------------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -123,11 +125,11 @@ class Scheduler:
             return []
         owner, lease, prepare = self.owner, self.settings.lease_seconds, self.pool.prepare_claims
 
-        async def _claim(conn: Conn) -> Prepared:
+        async def _claim(conn: Conn) -> tuple[Prepared, float | None]:
             return await store.claim_batch(conn, owner=owner, lease_seconds=lease, limit=limit, prepare=prepare)
 
         with trio.CancelScope(shield=True), trio.fail_after(CLAIM_TIMEOUT):
-            prepared = await self.db.run(_claim)
+            prepared, self.next_wait = await self.db.run(_claim)
         self.claimed += len(prepared.jobs) + len(prepared.failures)
         self.render_failures += len(prepared.failures)
         self.claimed_short = len(prepared.jobs) + len(prepared.failures) < limit
@@ -170,11 +172,8 @@ class Scheduler:
                     backoff = min(backoff * 2, ERROR_BACKOFF[1])
                     continue
                 if self._drained:
-                    try:
-                        wait = await self.next_due()
-                    except Exception as exc:
-                        _log.warning("scheduler next-due query failed", error=_one_line(exc))
-                        wait = None
+                    # The last claim came back short and read when the next delivery falls due.
+                    wait = self.next_wait
                     timeout = POLL_INTERVAL if wait is None else min(POLL_INTERVAL, max(wait, MIN_SLEEP))
                     with trio.move_on_after(timeout):
                         await self._wake.wait()

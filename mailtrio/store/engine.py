@@ -136,13 +136,26 @@ def _rows(items: Sequence[ContentWrite] | Sequence[Finish]) -> str:
 
 
 async def claim_due(conn: Conn, *, owner: str, lease_seconds: float, limit: int) -> list[Claim]:
-    cur = await conn.execute(
-        q("claim_due"), {"owner": owner, "lease_seconds": lease_seconds, "limit": limit}
-    )
+    claims, _ = await claim_due_and_next(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
+    return claims
+
+
+async def claim_due_and_next(
+    conn: Conn, *, owner: str, lease_seconds: float, limit: int
+) -> tuple[list[Claim], float | None]:
+    """Claim due deliveries and, in the same round trip, read when the next one falls due
+    (seconds from now, by the database clock; None when nothing waits)."""
+    async with conn.pipeline():
+        cur = await conn.execute(
+            q("claim_due"), {"owner": owner, "lease_seconds": lease_seconds, "limit": limit}
+        )
+        due = await conn.execute(q("next_due"))
     rows = await cur.fetchall()
+    row = await due.fetchone()
     claims = [Claim.from_row(r) for r in rows]
     claims.sort(key=lambda c: (c.priority, c.due or c.lease_started_at))
-    return claims
+    wait = None if row is None or row["wait_s"] is None else float(row["wait_s"])
+    return claims, wait
 
 
 class ClaimPreparation(Protocol):
@@ -162,24 +175,28 @@ async def claim_batch(
     lease_seconds: float,
     limit: int,
     prepare: Callable[[list[Claim]], P],
-) -> P:
-    """Claim due deliveries, then store what `prepare` rendered for them and fail those it could
-    not render, in one pipelined round trip.
+) -> tuple[P, float | None]:
+    """Claim due deliveries (with the wait until the next one is due, see claim_due_and_next),
+    then store what `prepare` rendered for them and fail those it could
+    not render: two round trips, the second pipelined.
 
-    Two autocommit statements, not one transaction: the claim is durable on its own (a lease), and
-    the content write is fenced on that lease. Should the second statement never land, the lease
-    expires, the delivery is rescued without content and is rendered again by its next claim.
-    (Each explicit BEGIN/COMMIT would cost two more round trips through the asyncio bridge.)
+    The claim commits on its own and synchronously: a lease that reached disk is what lets a
+    rescue record an `interrupted` attempt if this instance dies mid-send. The content write is
+    fenced on that lease and committed with synchronous_commit off, so nothing waits for a second
+    WAL flush before sending: it is visible at once and durable within the WAL writer's delay or
+    with the next synchronous commit (the attempt's outcome). Only a PostgreSQL crash in between
+    could drop it, and then the lease expires and the next claim renders the same payload again.
     """
-    claims = await claim_due(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
+    claims, wait = await claim_due_and_next(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
     prepared = prepare(claims)
     if prepared.contents or prepared.failures:
-        async with conn.pipeline():
+        async with conn.pipeline(), conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit = off")
             if prepared.contents:
                 await conn.execute(q("store_content"), {"owner": owner, "rows": _rows(prepared.contents)})
             if prepared.failures:
                 await conn.execute(q("finish_attempts"), {"owner": owner, "rows": _rows(prepared.failures)})
-    return prepared
+    return prepared, wait
 
 
 async def next_due(conn: Conn) -> float | None:

@@ -48,8 +48,8 @@ def render_all(claims: list[store.Claim]) -> Prep:
 
 
 async def claim(db: Database, limit: int, owner: str = "me", lease: float = 30.0) -> list[store.Claim]:
-    prep = await db.run(lambda conn: store.claim_batch(conn, owner=owner, lease_seconds=lease, limit=limit,
-                                                       prepare=render_all))
+    prep, _ = await db.run(lambda conn: store.claim_batch(conn, owner=owner, lease_seconds=lease, limit=limit,
+                                                          prepare=render_all))
     return prep.claims
 
 
@@ -82,8 +82,10 @@ async def test_claim_limit_order_and_lease(db: Database, database: str) -> None:
         assert r["status"] == "sending" and r["lease_owner"] == "me" and r["next_attempt_at"] is None
         assert r["lease_expires_at"] - r["lease_started_at"] == timedelta(seconds=30)
     assert rows["n1"]["status"] == "queued"
-    rest = await claim(db, 10)
-    assert sorted(c.delivery_id for c in rest) == ["n1", "n2", "n3", "n4"]  # never the future one
+    prep, wait = await db.run(lambda conn: store.claim_batch(conn, owner="me", lease_seconds=30, limit=10,
+                                                             prepare=render_all))
+    assert sorted(c.delivery_id for c in prep.claims) == ["n1", "n2", "n3", "n4"]  # never the future one
+    assert wait is not None and 3590 < wait <= 3600  # read with the claim: when the next one is due
     assert h.deliveries(database, ["future"])["future"]["status"] == "queued"
     assert await db.run(store.next_due) > 3000
 
