@@ -351,3 +351,25 @@ def test_redis_restart_without_persistence(service_env: dict[str, str], private_
         proc.wait_for("command consumer recovered")
         assert proc.stop() == 0
     assert len({d["stream_entry_id"] for d in tables.deliveries().values()}) <= 40
+
+
+def test_two_instances_share_the_stream_and_create_each_delivery_once(
+    service_env: dict[str, str], redis_client: redis.Redis, stream_key: str, tables: Tables
+) -> None:
+    entries, unique, malformed = backlog(1500, "two")
+    second = {**service_env, "MAIL_INSTANCE_ID": f"second-{uuid.uuid4().hex[:6]}",
+              "MAIL_INTERNAL_HTTP_ADDR": f"127.0.0.1:{free_port()}"}
+    with ServeProcess(service_env) as a, ServeProcess(second) as b:
+        a.wait_ready()
+        b.wait_ready()
+        # both are reading; every command arrives three times, the copies spread over both
+        ids = preload(redis_client, stream_key, entries + [dict(e) for e in entries] + [dict(e) for e in entries])
+        wait_until(lambda: group_drained(redis_client, stream_key), timeout=120, what="stream drained")
+        assert a.stop() == 0 and b.stop() == 0
+    for proc in (a, b):  # both did part of the work
+        assert proc.find("stream command duplicate") or proc.find("stream command rejected")
+    deliveries = tables.deliveries()
+    assert set(deliveries) == unique
+    # each malformed entry (all three copies) is its own quarantine record
+    assert len(tables.malformed()) == 3 * malformed
+    assert {d["stream_entry_id"] for d in deliveries.values()} <= set(ids)
