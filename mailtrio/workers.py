@@ -403,8 +403,8 @@ class WorkerPool:
                     self._set_idle(-1)
                 await self._attempt(session, job)
         finally:
-            with trio.move_on_after(2.0) as scope:
-                scope.shield = True
+            # QUIT politely, but never past the pool's own deadline (a cancelled close aborts).
+            with trio.move_on_after(2.0):
                 await session.close()
 
     # -- one attempt ----------------------------------------------------------------------------------

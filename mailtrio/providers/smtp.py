@@ -180,12 +180,13 @@ class SmtpConnection:
             raise SmtpFailure(Phase.AUTH, f"authentication failed: {reply.summary()}")
 
     async def quit(self) -> None:
-        with trio.move_on_after(QUIT_TIMEOUT):
-            try:
+        try:
+            with trio.move_on_after(QUIT_TIMEOUT):
                 await self.command("QUIT", Phase.CONNECT)
-            except SmtpFailure:
-                pass
-        await trio.aclose_forcefully(self.stream)
+        except SmtpFailure:
+            pass
+        finally:
+            await trio.aclose_forcefully(self.stream)
 
     async def abort(self) -> None:
         await trio.aclose_forcefully(self.stream)
