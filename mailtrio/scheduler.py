@@ -133,7 +133,7 @@ class Scheduler:
         self.claimed += len(prepared.jobs) + len(prepared.failures)
         self.render_failures += len(prepared.failures)
         self.claimed_short = len(prepared.jobs) + len(prepared.failures) < limit
-        return prepared.jobs
+        return prepared.sendable()
 
     async def next_due(self) -> float | None:
         with trio.fail_after(QUERY_TIMEOUT):

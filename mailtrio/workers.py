@@ -138,6 +138,19 @@ class Prepared:
     jobs: list[Job] = field(default_factory=list)
     contents: list[store.ContentWrite] = field(default_factory=list)
     failures: list[store.Finish] = field(default_factory=list)
+    stored: set[str] = field(default_factory=set)
+
+    def sendable(self) -> list[Job]:
+        """The jobs whose content is stored (a render is never sent before it is durable)."""
+        out = []
+        for job in self.jobs:
+            if job.claim.rendered or job.claim.delivery_id in self.stored:
+                out.append(job)
+            else:
+                job.span.set_status(Status(StatusCode.ERROR, "lease lost before sending"))
+                job.span.end()
+                _log.warning("claim lost before sending; nothing sent", delivery_id=job.claim.delivery_id)
+        return out
 
 
 # -- the recorder -----------------------------------------------------------------------------------

@@ -163,6 +163,8 @@ class ClaimPreparation(Protocol):
 
     contents: list[ContentWrite]
     failures: list[Finish]
+    # set by claim_batch: the deliveries whose content write held its fence
+    stored: set[str]
 
 
 P = TypeVar("P", bound=ClaimPreparation)
@@ -189,13 +191,17 @@ async def claim_batch(
     """
     claims, wait = await claim_due_and_next(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
     prepared = prepare(claims)
+    prepared.stored = set()
     if prepared.contents or prepared.failures:
+        cur = None
         async with conn.pipeline(), conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit = off")
             if prepared.contents:
-                await conn.execute(q("store_content"), {"owner": owner, "rows": _rows(prepared.contents)})
+                cur = await conn.execute(q("store_content"), {"owner": owner, "rows": _rows(prepared.contents)})
             if prepared.failures:
                 await conn.execute(q("finish_attempts"), {"owner": owner, "rows": _rows(prepared.failures)})
+        if cur is not None:
+            prepared.stored = {r["delivery_id"] for r in await cur.fetchall()}
     return prepared, wait
 
 

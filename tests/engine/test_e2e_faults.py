@@ -90,3 +90,29 @@ def test_sigterm_mid_run_exits_0_in_time_and_loses_nothing(
     accepted = Counter(e["message_id"] for e in server.accepted())
     assert {r["message_id"] for r in rows.values()} == set(accepted)
     assert set(accepted.values()) == {1}  # stalled attempts never completed: no duplicate at all
+
+
+def test_database_connections_killed_mid_run(
+    service_env: dict[str, str], smtp_factory: Callable[..., SmtpTestServer]
+) -> None:
+    """Every PostgreSQL backend of the service is terminated twice while it sends: the scheduler,
+    the recorder and the LISTEN connection recover by themselves and nothing is sent twice."""
+    server = smtp_factory(tls="none", auth=None)
+    env = smtp_env(service_env, server, MAIL_SMTP_TIMEOUT="1s", MAIL_ATTEMPT_WORKER_CONCURRENCY="8")
+    dsn = env["MAIL_POSTGRES_PRIMARY_DSN"]
+    ids = h.insert(dsn, [h.delivery(f"p-{i}", to=[f"user{i}@example.com"]) for i in range(600)])
+    dbname = dsn.rsplit("/", 1)[1] if "dbname=" not in dsn else dsn.split("dbname=")[1].split()[0]
+    kill = ("SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity "
+            "WHERE datname = %s AND application_name LIKE 'mailtrio:%%'")
+    with ServeProcess(env) as proc:
+        proc.wait_ready()
+        for target in (100, 300):
+            server.wait_accepted(target)
+            assert h.query(dsn, kill, [dbname])[0]["n"] >= 1
+        rows = h.wait_status(dsn, ids, timeout=60)
+        assert proc.stop() == 0
+        assert proc.find("schedule listener reconnected")
+    assert {r["status"] for r in rows.values()} == {"sent"}
+    accepted = Counter(e["message_id"] for e in server.accepted())
+    assert {r["message_id"] for r in rows.values()} == set(accepted)
+    assert set(accepted.values()) == {1}
