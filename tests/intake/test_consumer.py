@@ -439,16 +439,17 @@ async def test_consumer_recovers_from_killed_redis_and_postgres_connections(
         await nursery.start(w.consumer.run)
         await wait_for(1)
         def kill() -> bool:
-            killed = 0
-            for client in redis_client.client_list():
-                if client.get("name") == client_name:
-                    redis_client.client_kill_filter(_id=client["id"])
-                    killed += 1
-            return killed > 0
+            """Kill the consumer's connections once one is blocked in XREADGROUP (an idle pooled
+            connection would be replaced silently by redis-py)."""
+            listed = [c for c in redis_client.client_list() if c.get("name") == client_name]
+            if not any("b" in c.get("flags", "") for c in listed):
+                return False
+            for client in listed:
+                redis_client.client_kill_filter(_id=client["id"])
+            return True
 
         for round_ in range(3):
-            # (the consumer may be between connections right now: retry until one is found)
-            await eventually(kill, what="a consumer connection to kill")
+            await eventually(kill, what="a blocked consumer connection to kill")
             xadd(entry(delivery_id=f"k-r{round_}"))
             await wait_for(2 + round_)
         db_name = tables.one("SELECT current_database()")

@@ -231,8 +231,11 @@ def test_a_dead_instances_pending_entries_are_claimed_by_another(
         proc.wait(10)
     # whatever the kill interrupted, the dead consumer certainly holds these unacknowledged entries
     dead = service_env["MAIL_INSTANCE_ID"]
-    held = redis_client.xreadgroup("mailservice", dead, {stream_key: ">"}, count=100)
-    assert held and len(held[0][1]) > 0
+    extra = [entry(delivery_id=f"c-extra-{i}") for i in range(50)]
+    ids += preload(redis_client, stream_key, extra)
+    unique |= {e["delivery_id"] for e in extra}
+    redis_client.xreadgroup("mailservice", dead, {stream_key: ">"})
+    assert int(redis_client.xpending(stream_key, "mailservice")["pending"]) >= len(extra)
     other = {**service_env, "MAIL_INSTANCE_ID": f"other-{uuid.uuid4().hex[:6]}", "MAIL_REDIS_CLAIM_IDLE": "1s"}
     with ServeProcess(other) as proc:
         proc.wait_ready()
@@ -245,14 +248,18 @@ def test_a_dead_instances_pending_entries_are_claimed_by_another(
 
 # -- Redis trouble ----------------------------------------------------------------------------
 def _kill_clients(client: redis.Redis, name: str) -> int:
+    """Kill every connection named `name`, once one of them is blocked in XREADGROUP (so the
+    consumer sees the reset; an idle pooled connection is silently replaced by redis-py)."""
+    listed = [c for c in client.client_list() if c.get("name") == name]
+    if not any("b" in c.get("flags", "") for c in listed):
+        return 0
     killed = 0
-    for c in client.client_list():
-        if c.get("name") == name:
-            try:
-                client.client_kill_filter(_id=c["id"])
-                killed += 1
-            except redis.ResponseError:
-                pass
+    for c in listed:
+        try:
+            client.client_kill_filter(_id=c["id"])
+            killed += 1
+        except redis.ResponseError:
+            pass
     return killed
 
 
@@ -264,10 +271,10 @@ def test_client_kill_and_a_lost_group_while_serving(
         proc.wait_ready()
         expected: set[str] = set()
         for round_ in range(4):
+            wait_until(lambda: _kill_clients(redis_client, name) >= 1, what="a blocked consumer connection")
             batch = [entry(delivery_id=f"ck-{round_}-{i}") for i in range(50)]
             preload(redis_client, stream_key, batch)
             expected |= {e["delivery_id"] for e in batch}
-            wait_until(lambda: _kill_clients(redis_client, name) >= 1, what="a consumer connection to kill")
             wait_until(lambda n=len(expected): tables.count("deliveries") >= n, what=f"round {round_}")
         proc.wait_for("command consumer error; retrying")
         proc.wait_for("command consumer recovered")
