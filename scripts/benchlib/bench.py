@@ -142,6 +142,7 @@ class Bench:
         with contextlib.suppress(Exception):
             commits = int(harness.query_one(
                 dsn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
+        statements = self.top_statements(dsn) if self.args.private_pg else None
         rss = serve.peak_rss_mb()
         cpu_now = serve.cpu_seconds()
         cpu = None if cpu_now is None else cpu_now - self._cpu0
@@ -164,7 +165,23 @@ class Bench:
                 "service_cpu_share": None if cpu is None else round(cpu / max(wall, 1e-3), 3),
                 "machine_busy_share": round(busy, 3),
                 "postgres_backends_cpu_s": None if pg_cpu is None else round(pg_cpu, 2),
-                "postgres_commits": commits}
+                "postgres_commits": commits,
+                **({"postgres_top_statements": statements} if statements is not None else {})}
+
+    @staticmethod
+    def top_statements(dsn: str, limit: int = 8) -> list[dict[str, Any]] | None:
+        """The statements that took the most execution time in this scenario's database."""
+        try:
+            with harness.psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+                rows = conn.execute(
+                    "SELECT calls, total_exec_time, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 160) "
+                    "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+                    "WHERE d.datname = current_database() ORDER BY total_exec_time DESC LIMIT %s", (limit,)).fetchall()
+        except Exception as exc:
+            return [{"error": str(exc)}]
+        return [{"calls": int(c), "total_ms": round(float(t), 1), "ms_per_call": round(float(t) / max(1, int(c)), 3),
+                 "rows_per_call": round(int(r) / max(1, int(c)), 1), "query": q} for c, t, r, q in rows]
 
     @staticmethod
     def backend_cpu(dsn: str) -> float | None:
@@ -233,12 +250,18 @@ class Bench:
             intake_done: float | None = None
             deadline = time.monotonic() + max(90.0, n / 50)
             sent = terminal = 0
+            last_db = 0.0
+            # The sink's counter is read from a file; the database is asked only every 2 s (to
+            # notice final failures) and then once the sink has seen every message, so that the
+            # bench's own queries do not take CPU from the service on a small machine.
             while time.monotonic() < deadline:
                 if intake_done is None:
                     state = harness.group_state(self.redis, key, "mailservice")
                     if state is not None and state == (0, 0):
                         intake_done = time.time()
-                if harness.table_exists(dsn, "deliveries"):
+                at_sink = self.sink.messages() - sink_before
+                if (at_sink >= n or time.monotonic() - last_db >= 2.0) and harness.table_exists(dsn, "deliveries"):
+                    last_db = time.monotonic()
                     row = harness.query_all(
                         dsn, "SELECT count(*) FILTER (WHERE status = 'sent'), "
                         "count(*) FILTER (WHERE status IN ('sent','failed','suppressed','dead_letter','cancelled')) "
@@ -246,7 +269,7 @@ class Bench:
                     sent, terminal = int(row[0]), int(row[1])
                     if terminal >= n:
                         break
-                time.sleep(0.1)
+                time.sleep(0.05)
             end = time.time()
             t0 = self.t0(serve)
             if terminal < n:
@@ -303,7 +326,7 @@ class Bench:
             return int(left) >= len(ids)
 
         with contextlib.suppress(HarnessError):
-            harness.wait_until(final, timeout, "offered deliveries to finish", interval=0.2)
+            harness.wait_until(final, timeout, "offered deliveries to finish", interval=0.5)
         rows = harness.query_all(
             dsn, "SELECT a.delivery_id, (extract(epoch FROM d.created_at) * 1000)::float8, "
             "(extract(epoch FROM a.started_at) * 1000)::float8, (extract(epoch FROM a.finished_at) * 1000)::float8 "
@@ -372,6 +395,10 @@ class Bench:
 
     def run(self, names: list[str]) -> dict[str, Any]:
         self.sink = harness.SmtpSink(self.procs, self.workdir)
+        if self.args.private_pg:
+            pg = harness.PrivatePostgres(self.procs, self.workdir, settings=(
+                "shared_preload_libraries=pg_stat_statements", "pg_stat_statements.track=all"))
+            self.args.admin_dsn = pg.dsn("postgres")
         results: dict[str, Any] = {}
         for name in names:
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
@@ -502,6 +529,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=16, help="MAIL_ATTEMPT_WORKER_CONCURRENCY and smtp-source -s")
     p.add_argument("--profile", help="directory for py-spy raw profiles, one per scenario")
     p.add_argument("--admin-dsn", default=harness.ADMIN_DSN, help="PostgreSQL server for the fresh databases")
+    p.add_argument("--private-pg", action="store_true",
+                   help="run PostgreSQL of our own (initdb) with pg_stat_statements and report the statements "
+                        "that took the database's time in each scenario")
     p.add_argument("--redis-addr", default=os.environ.get("MAILTRIO_BENCH_REDIS_ADDR", "127.0.0.1:6379"))
     p.add_argument("--keep-logs", action="store_true", help="keep the work directory with the service logs")
     return p.parse_args(argv)

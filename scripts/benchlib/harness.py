@@ -318,7 +318,8 @@ class PrivatePostgres:
     (WAL recovery on restart), SIGINT for a fast clean stop.
     """
 
-    def __init__(self, procs: Procs, workdir: Path, *, dbname: str = "mailtrio") -> None:
+    def __init__(self, procs: Procs, workdir: Path, *, dbname: str = "mailtrio",
+                 settings: Sequence[str] = ()) -> None:
         self.procs = procs
         self.port = free_port()
         self.base = workdir / "pg"
@@ -326,7 +327,7 @@ class PrivatePostgres:
         self.sock = self.base / "sock"
         self.log_path = self.base / "postgres.log"
         self.dbname = dbname
-        self.user = None
+        self.settings = list(settings)
         self.base.mkdir(parents=True, exist_ok=True)
         self.sock.mkdir(exist_ok=True)
         as_user: dict[str, Any] = {}
@@ -353,6 +354,8 @@ class PrivatePostgres:
         argv = [str(PG_BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
                 "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.sock}",
                 "-c", "max_connections=200", "-c", "fsync=on", "-c", "shared_buffers=128MB"]
+        for setting in self.settings:
+            argv += ["-c", setting]
         log = open(self.log_path, "ab")  # noqa: SIM115 - inherited by the child, closed right after
         try:
             self.proc = self.procs.start("postgres", argv, stop_signal=signal.SIGINT, stdout=log,
