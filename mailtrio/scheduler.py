@@ -94,6 +94,7 @@ class Scheduler:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with self.send_channel, trio.open_nursery() as nursery:
+                await self._rescue_previous_run()
                 await nursery.start(self._listen)
                 nursery.start_soon(self._rescue_loop)
                 nursery.start_soon(self._activity_loop)
@@ -261,6 +262,35 @@ class Scheduler:
             telemetry.attempt_outcomes.add(len(rows), {"status": "interrupted"})
             self.wake()
         return len(rows)
+
+    async def _rescue_previous_run(self) -> None:
+        """Before the first claim: what a previous run under this MAIL_INSTANCE_ID left `sending`
+        (it was killed mid-attempt) goes back on the schedule now rather than at lease expiry."""
+        owner = self.owner
+
+        async def _rescue(conn: Conn) -> list[dict[str, object]]:
+            return await store.rescue_own_leases(conn, owner=owner)
+
+        rows: list[dict[str, object]] = []
+        try:
+            with trio.fail_after(QUERY_TIMEOUT):
+                for _ in range(100):  # batches of 500: far more than one instance ever holds
+                    batch = await self.db.run(_rescue)
+                    rows += batch
+                    if len(batch) < 500:
+                        break
+        except Exception as exc:
+            _log.warning("could not rescue the leases of a previous run; they will expire",
+                         error=_one_line(exc))
+            return
+        if rows:
+            self.rescued += len(rows)
+            telemetry.attempt_outcomes.add(len(rows), {"status": "interrupted"})
+            _log.warning(
+                "leases of a previous run of this instance rescued; deliveries back on the schedule",
+                count=len(rows),
+                delivery_ids=[r["delivery_id"] for r in rows][:50],
+            )
 
     async def _rescue_loop(self) -> None:
         while True:

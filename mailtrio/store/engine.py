@@ -233,6 +233,12 @@ async def rescue_expired(conn: Conn, *, rescuer: str, limit: int = 500) -> list[
     return list(await cur.fetchall())
 
 
+async def rescue_own_leases(conn: Conn, *, owner: str, limit: int = 500) -> list[dict[str, Any]]:
+    """Before the first claim: put back what a previous run of this instance left `sending`."""
+    cur = await conn.execute(q("rescue_own_leases"), {"owner": owner, "rescuer": owner, "limit": limit})
+    return list(await cur.fetchall())
+
+
 async def notify_schedule(conn: Conn) -> None:
     await conn.execute(q("notify_schedule"))
 

@@ -170,5 +170,47 @@ SELECT prev.delivery_id, d.attempt_count, 'interrupted', prev.lease_started_at, 
 FROM prev JOIN d ON d.delivery_id = prev.delivery_id
 RETURNING delivery_id, instance_id;
 
+-- name: rescue_own_leases
+-- At startup, before its first claim: leases still held under this instance's own id belong to a
+-- previous run of it (MAIL_INSTANCE_ID is unique among live instances) that stopped mid-attempt.
+-- They go back on the schedule at once, like expired leases, instead of waiting to expire.
+WITH expired AS (
+    SELECT d.delivery_id
+    FROM mail.deliveries d
+    WHERE d.status = 'sending' AND d.lease_owner = %(owner)s
+    ORDER BY d.lease_expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), prev AS (
+    SELECT d.delivery_id, d.attempt_count, d.lease_owner, d.lease_started_at, d.lease_expires_at,
+           (p.rendered_at IS NOT NULL) AS rendered
+    FROM mail.deliveries d
+    JOIN expired e ON e.delivery_id = d.delivery_id
+    JOIN mail.payloads p ON p.delivery_id = d.delivery_id
+), d AS (
+    UPDATE mail.deliveries d
+    SET status = CASE WHEN prev.rendered THEN 'rendered' ELSE 'queued' END,
+        status_reason = 'interrupted: a previous run of ' || prev.lease_owner || ' stopped mid-attempt',
+        attempt_count = d.attempt_count + 1,
+        next_attempt_at = now(),
+        schedule_entered_at = now(),
+        lease_owner = NULL,
+        lease_started_at = NULL,
+        lease_expires_at = NULL,
+        updated_at = now()
+    FROM prev
+    WHERE d.delivery_id = prev.delivery_id AND d.status = 'sending'
+    RETURNING d.delivery_id, d.attempt_count
+)
+INSERT INTO mail.attempts (delivery_id, attempt_no, status, started_at, finished_at, duration_ms,
+                           provider_summary, details, instance_id)
+SELECT prev.delivery_id, d.attempt_count, 'interrupted', prev.lease_started_at, now(),
+       greatest(0, (extract(epoch FROM (now() - prev.lease_started_at)) * 1000)::int),
+       'interrupted: the instance restarted mid-attempt, outcome unknown',
+       jsonb_build_object('rescued_by', %(rescuer)s::text, 'lease_expires_at', prev.lease_expires_at),
+       prev.lease_owner
+FROM prev JOIN d ON d.delivery_id = prev.delivery_id
+RETURNING delivery_id, instance_id;
+
 -- name: notify_schedule
 SELECT pg_notify('mail_schedule', '');

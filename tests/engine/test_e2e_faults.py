@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -116,3 +117,32 @@ def test_database_connections_killed_mid_run(
     accepted = Counter(e["message_id"] for e in server.accepted())
     assert {r["message_id"] for r in rows.values()} == set(accepted)
     assert set(accepted.values()) == {1}
+
+
+def test_restart_under_the_same_instance_id_rescues_its_leases_at_once(
+    service_env: dict[str, str], smtp_factory: Callable[..., SmtpTestServer]
+) -> None:
+    """Killed mid-send and started again with the same MAIL_INSTANCE_ID: its own stale leases go
+    back on the schedule before its first claim, long before they would have expired."""
+    server = smtp_factory(tls="none", auth=None, rules=[{"match": r"^slow", "action": "stall", "stall_s": 3}])
+    env = smtp_env(service_env, server, MAIL_SMTP_TIMEOUT="60s", MAIL_ATTEMPT_WORKER_CONCURRENCY="4")
+    dsn = env["MAIL_POSTGRES_PRIMARY_DSN"]
+    ids = h.insert(dsn, [h.delivery(f"s-{i}", to=[f"slow{i}@example.com"]) for i in range(4)])
+    with ServeProcess(env) as first:
+        first.wait_ready()
+        h.wait_status(dsn, ids, statuses=("sending",), timeout=15)
+        first.proc.send_signal(signal.SIGKILL)
+        first.wait(10)
+    with ServeProcess(env) as again:
+        again.wait_ready()
+        rows = h.wait_status(dsn, ids, timeout=30)
+        rescued = again.find("leases of a previous run of this instance rescued; deliveries back on the schedule")
+        assert again.stop() == 0
+    assert {r["status"] for r in rows.values()} == {"sent"}
+    assert rescued and rescued[0]["count"] == 4
+    for did in ids:
+        first_attempt, second = h.attempts(dsn, did)
+        assert first_attempt["status"] == "interrupted" and second["status"] == "provider_accepted"
+        # rescued before the 75 s lease (60 s timeout + 15 s) could have expired
+        expires = datetime.fromisoformat(first_attempt["details"]["lease_expires_at"])
+        assert first_attempt["finished_at"] < expires - timedelta(seconds=30)
