@@ -1,10 +1,11 @@
 """The scheduler: claims due deliveries and hands them to the attempt workers (CONTRACT §5).
 
-One loop, River's model: wait until workers are idle, claim at most that many due deliveries in
-one UPDATE over a `FOR UPDATE SKIP LOCKED` subselect (authsession before notification, through
-the partial indexes on `deliveries (next_attempt_at)`), and hand each to a worker over the
-unbuffered channel. A claim sets status `sending` and a lease (owner MAIL_INSTANCE_ID, expiry
-MAIL_SMTP_TIMEOUT + 15 s).
+River's model: wait until workers are idle, claim at most that many due deliveries in one UPDATE
+over a `FOR UPDATE SKIP LOCKED` subselect (authsession before notification, through the partial
+indexes on `deliveries (next_attempt_at)`), render and store what is not rendered yet, and hand
+each to a worker over the unbuffered channel. A claim sets status `sending` and a lease (owner
+MAIL_INSTANCE_ID, expiry MAIL_SMTP_TIMEOUT + 15 s). A second claim may overlap the first, for at
+least half the pool, so that commits overlap without shrinking the batches.
 
 When nothing more is due the loop sleeps until the first of: a NOTIFY on `mail_schedule` (intake
 commits, deliveries put back), the earliest future `next_attempt_at` (so scheduled sends and
@@ -12,8 +13,10 @@ retries fire on time), a retry this instance just scheduled, or the bounded poll
 
 Lease rescue runs beside it: deliveries whose lease expired (their instance died) go back on the
 schedule with the unfinished attempt recorded `interrupted`; SKIP LOCKED makes exactly one
-instance rescue each. Cancelled (shutdown), the scheduler stops claiming, gives back any claim it
-had not handed over yet and closes the channel so the workers drain.
+instance rescue each. At startup, before the first claim, leases still held under this instance's
+own id (a previous run killed mid-attempt) are rescued the same way at once. Cancelled
+(shutdown), the scheduler stops claiming, gives back any claim it had not handed over yet and
+closes the channel so the workers drain.
 """
 
 from __future__ import annotations
@@ -70,13 +73,13 @@ class Scheduler:
         self._inflight = 0
         self._drained = False
         self._error = False
+        self._claim_ok = False
         pool.on_idle_change = self._capacity_changed
-        # counters since the last activity line
+        # running totals (the activity line logs their increments)
         self.claimed = 0
         self.rescued = 0
         self.released = 0
         self.render_failures = 0
-        self.claimed_short = False
         # seconds until the next delivery is due, as read with the last claim (None: none waits)
         self.next_wait: float | None = None
 
@@ -120,25 +123,26 @@ class Scheduler:
 
     # -- claiming -------------------------------------------------------------------------------------
     async def claim(self, limit: int) -> list[Job]:
-        """Claim up to `limit` due deliveries, rendered and stored in the claim's own commit."""
+        """Claim up to `limit` due deliveries, rendered and stored right after (store.claim_batch)."""
+        jobs, _ = await self._claim(limit)
+        return jobs
+
+    async def _claim(self, limit: int) -> tuple[list[Job], bool]:
+        """The claimed jobs, and whether the claim came back short (nothing more is due now)."""
         limit = max(0, min(limit, MAX_CLAIM))
         if limit == 0:
-            return []
+            return [], False
         owner, lease, prepare = self.owner, self.settings.lease_seconds, self.pool.prepare_claims
 
-        async def _claim(conn: Conn) -> tuple[Prepared, float | None]:
+        async def _run(conn: Conn) -> tuple[Prepared, float | None]:
             return await store.claim_batch(conn, owner=owner, lease_seconds=lease, limit=limit, prepare=prepare)
 
         with trio.CancelScope(shield=True), trio.fail_after(CLAIM_TIMEOUT):
-            prepared, self.next_wait = await self.db.run(_claim)
-        self.claimed += len(prepared.jobs) + len(prepared.failures)
+            prepared, self.next_wait = await self.db.run(_run)
+        claimed = len(prepared.jobs) + len(prepared.failures)
+        self.claimed += claimed
         self.render_failures += len(prepared.failures)
-        self.claimed_short = len(prepared.jobs) + len(prepared.failures) < limit
-        return prepared.sendable()
-
-    async def next_due(self) -> float | None:
-        with trio.fail_after(QUERY_TIMEOUT):
-            return await self.db.run(store.next_due)
+        return prepared.sendable(), claimed < limit
 
     def _capacity_changed(self) -> None:
         self._capacity.set()
@@ -172,6 +176,9 @@ class Scheduler:
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, ERROR_BACKOFF[1])
                     continue
+                if self._claim_ok:
+                    self._claim_ok = False
+                    backoff = ERROR_BACKOFF[0]
                 if self._drained:
                     # The last claim came back short and read when the next delivery falls due.
                     wait = self.next_wait
@@ -180,7 +187,6 @@ class Scheduler:
                         await self._wake.wait()
                     self._drained = False
                     continue
-                backoff = ERROR_BACKOFF[0] if not self._error else backoff
                 # Reset before claiming: a wake-up that arrives during the claim is kept.
                 self._wake = trio.Event()
                 self._reserved += available
@@ -192,8 +198,9 @@ class Scheduler:
     async def _claim_and_dispatch(self, limit: int) -> None:
         reserved = limit
         try:
-            jobs = await self.claim(limit)
-            if self.claimed_short:
+            jobs, short = await self._claim(limit)
+            self._claim_ok = True
+            if short:
                 self._drained = True
             # Workers beyond the claimed rows are free for the next claim.
             self._reserved -= limit - len(jobs)

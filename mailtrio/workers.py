@@ -3,12 +3,13 @@
 MAIL_ATTEMPT_WORKER_CONCURRENCY workers receive claimed deliveries from the scheduler over an
 unbuffered channel; the scheduler claims only as many deliveries as there are idle workers.
 
-Render once, before anything is sent: inside the claim's own transaction the pool's
-`prepare_claims` renders every delivery not rendered yet (template mode: the catalog; rendered
-mode: the payload), validates it (no empty subject or body, nothing unsafe in a header) and the
-claim stores the content with the resolved locale in the same commit; a render error fails the
-delivery there (`render_failed: ...`) and it never reaches a worker. A delivery claimed again
-reuses its stored content. One commit thus covers the lease and the content of a whole batch.
+Render once, before anything is sent: right after a claim (in the same unit of work, see
+store.claim_batch) the pool's `prepare_claims` renders every delivery not rendered yet (template
+mode: the catalog; rendered mode: the payload) and validates it (no empty subject or body, nothing
+unsafe in a header); the content and the resolved locale are stored under the lease before the
+job is handed to a worker, one statement for the whole batch. A render error fails the delivery
+there (`render_failed: ...`) and it never reaches a worker. A delivery claimed again reuses its
+stored content.
 
 Each worker owns one provider session (for SMTP: one persistent connection) and runs one attempt
 at a time: build the message (the delivery's own Message-ID on every attempt), send it under a
@@ -319,10 +320,8 @@ class WorkerPool:
             self.on_idle_change()
 
     def prepare_claims(self, claims: Sequence[store.Claim]) -> Prepared:
-        """Render (or load) the content of claimed deliveries, inside the claim's transaction.
-
-        Synchronous and pure CPU: it runs between the claim statement and the commit.
-        """
+        """Render (or load) the content of claimed deliveries, between the claim statement and
+        the content write (store.claim_batch). Synchronous and pure CPU."""
         out = Prepared()
         claimed_at = trio.current_time()
         for claim in claims:
