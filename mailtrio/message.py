@@ -88,6 +88,8 @@ class Content:
             raise ContentError("CR, LF or NUL in the subject")
         if not (self.text and self.text.strip()) and not (self.html and self.html.strip()):
             raise ContentError("empty body")
+        if "\0" in (self.text or "") or "\0" in (self.html or ""):
+            raise ContentError("NUL in the body")
         for name, value in self.headers.items():
             if not isinstance(name, str) or not header_name_allowed(name):
                 raise ContentError(f"header {name!r} is not allowed (X-*, List-Unsubscribe, List-Unsubscribe-Post)")

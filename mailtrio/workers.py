@@ -245,6 +245,16 @@ class Recorder:
                 self._inflight = None
         raise trio.TooSlowError(f"outcome write did not finish within {WRITE_TIMEOUT:.0f}s")
 
+    async def _write_each(self, items: list[store.Finish]) -> set[str]:
+        ok: set[str] = set()
+        for item in items:
+            try:
+                ok |= await self._write([item])
+            except Exception as exc:
+                _log.error("outcome write failed; its lease will expire and be rescued",
+                           delivery_id=item.delivery_id, status=item.status, error=_one_line(exc))
+        return ok
+
     async def _flush(self, batch: _Batch, *, retry_transient: bool = True) -> None:
         items = [item for item, _ in batch.items]
         delay = 0.1
@@ -265,10 +275,17 @@ class Recorder:
             batch.failed = True
             raise
         except Exception as exc:
-            batch.failed = True
-            _log.error("outcome write failed; the leases will expire and be rescued",
-                       error=_one_line(exc), items=len(items),
-                       delivery_ids=[i.delivery_id for i in items][:20])
+            if len(items) > 1 and retry_transient:
+                # Not a connection problem: write the outcomes one by one, so that one bad row
+                # cannot take the whole batch with it.
+                _log.error("outcome batch write failed; writing its outcomes one by one",
+                           error=_one_line(exc), items=len(items))
+                batch.ok = await self._write_each(items)
+            else:
+                batch.failed = True
+                _log.error("outcome write failed; the leases will expire and be rescued",
+                           error=_one_line(exc), items=len(items),
+                           delivery_ids=[i.delivery_id for i in items][:20])
         finally:
             self.flushes += 1
             self.written += len(items)

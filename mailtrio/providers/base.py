@@ -44,6 +44,7 @@ class Phase(StrEnum):
 
 
 _ENHANCED_RE = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,9 @@ class Reply:
 
     @classmethod
     def parse(cls, code: int, message: str) -> Reply:
-        """Split an enhanced status code off the front of the reply text."""
-        text = " ".join(message.split())
+        """Split an enhanced status code off the front of the reply text (control characters,
+        which a server may send but PostgreSQL text cannot always hold, become spaces)."""
+        text = " ".join(_CONTROL_RE.sub(" ", message).split())
         m = _ENHANCED_RE.match(text)
         if m:
             return cls(code, text[m.end():], m.group(1))

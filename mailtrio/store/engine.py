@@ -131,8 +131,23 @@ class Finish:
         }
 
 
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold NUL: drop it from every string (provider replies,
+    error texts) so that one odd reply can never fail a whole batch of outcomes."""
+    if isinstance(value, str):
+        return value.replace("\0", "") if "\0" in value else value
+    if isinstance(value, dict):
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    return value
+
+
 def _rows(items: Sequence[ContentWrite] | Sequence[Finish]) -> str:
-    return json.dumps([item.as_json() for item in items], ensure_ascii=False, separators=(",", ":"))
+    text = json.dumps([item.as_json() for item in items], ensure_ascii=False, separators=(",", ":"))
+    if "\\u0000" in text:
+        text = json.dumps([_no_nul(item.as_json()) for item in items], ensure_ascii=False, separators=(",", ":"))
+    return text
 
 
 async def claim_due(conn: Conn, *, owner: str, lease_seconds: float, limit: int) -> list[Claim]:
@@ -153,7 +168,7 @@ async def claim_due_and_next(
     rows = await cur.fetchall()
     row = await due.fetchone()
     claims = [Claim.from_row(r) for r in rows]
-    claims.sort(key=lambda c: (c.priority, c.due or c.lease_started_at))
+    claims.sort(key=lambda c: (c.priority, c.due or c.lease_started_at, c.delivery_id))
     wait = None if row is None or row["wait_s"] is None else float(row["wait_s"])
     return claims, wait
 

@@ -157,6 +157,8 @@ def test_message_id_is_stable_and_derived_from_the_delivery() -> None:
         Content("s", "b", None, {"X-Nul": "a\0b"}, "en"),
         Content("s", "b", None, {"Subject": "override"}, "en"),
         Content("s", "b", None, {"Bcc": "x@example.com"}, "en"),
+        Content("s", "body with a \0 NUL", None, {}, "en"),
+        Content("s", "b", "<p>\0</p>", {}, "en"),
     ],
 )
 def test_unsendable_content_is_refused(content: Content) -> None:

@@ -116,3 +116,4 @@ def test_reply_parse_and_summary() -> None:
     assert reply.summary() == "550 5.1.1 User unknown"
     assert Reply.parse(250, "Ok").summary() == "250 Ok"
     assert Reply.parse(421, "").summary() == "421"
+    assert Reply.parse(550, "5.7.1 bad\x00 byte\r\n and\ttab").text == "bad byte and tab"

@@ -138,6 +138,16 @@ async def test_finish_is_fenced_on_owner_and_lease(db: Database, database: str) 
     assert len(h.attempts(database, "d1")) == 1
 
 
+async def test_nul_in_a_provider_reply_cannot_fail_a_batch(db: Database, database: str) -> None:
+    h.insert(database, [h.delivery("z1"), h.delivery("z2")])
+    c1, c2 = await claim(db, 2)
+    odd = outcome(c1, "failed", "provider_rejected", status_reason="550 odd\0reply",
+                  provider_summary="550 odd\0reply", details={"reply": {"text": "odd\0reply"}, "k\0": ["\0"]})
+    assert await finish(db, [odd, outcome(c2)]) == {"z1", "z2"}
+    [a] = h.attempts(database, "z1")
+    assert a["provider_summary"] == "550 oddreply" and a["details"] == {"reply": {"text": "oddreply"}, "k": [""]}
+
+
 async def test_retry_and_dead_letter_fields(db: Database, database: str) -> None:
     h.insert(database, [h.delivery("r1"), h.delivery("r2")])
     c1, c2 = await claim(db, 2)
@@ -213,3 +223,21 @@ async def test_rescue_expired_leases_exactly_once(db: Database, database: str) -
         assert a["details"]["rescued_by"].startswith("rescuer-")
     # a late outcome from the dead instance cannot land any more
     assert await finish(db, [outcome(dead[1])], owner="dead-instance") == set()
+
+
+async def test_recorder_isolates_a_bad_outcome(db: Database, database: str) -> None:
+    from mailtrio.workers import Recorder
+
+    h.insert(database, [h.delivery("one"), h.delivery("two")])
+    good, bad = await claim(db, 2)
+    recorder = Recorder(db, "me", backlog=10)
+    results: dict[str, bool] = {}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(recorder.run)
+        await recorder.finish(outcome(good), lambda ok: results.__setitem__("good", ok))
+        # violates the CHECK constraint on deliveries.status: the batch fails, then each is retried
+        await recorder.finish(outcome(bad, status="bogus"), lambda ok: results.__setitem__("bad", ok))
+        await recorder.close()
+    assert results == {"good": True, "bad": False}
+    rows = h.deliveries(database)
+    assert (rows[good.delivery_id]["status"], rows[bad.delivery_id]["status"]) == ("sent", "sending")
