@@ -6,6 +6,7 @@ round trip claims a batch, stores a batch of rendered contents or records a batc
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -150,6 +151,18 @@ def _rows(items: Sequence[ContentWrite] | Sequence[Finish]) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=1024)
+def _claim_sql(limit: int) -> str:
+    """The claim statement with its limit written in as a constant.
+
+    Statements run often are prepared, and PostgreSQL then may use one generic plan, which
+    estimates `LIMIT $n` at a tenth of the table and joins the payloads by a full scan. With the
+    batch size written in, every prepared variant (one per pool size at most) plans the small
+    primary-key joins it needs.
+    """
+    return q("claim_due").replace("%(limit)s", str(int(limit)))
+
+
 async def claim_due(conn: Conn, *, owner: str, lease_seconds: float, limit: int) -> list[Claim]:
     claims, _ = await claim_due_and_next(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
     return claims
@@ -161,9 +174,7 @@ async def claim_due_and_next(
     """Claim due deliveries and, in the same round trip, read when the next one falls due
     (seconds from now, by the database clock; None when nothing waits)."""
     async with conn.pipeline():
-        cur = await conn.execute(
-            q("claim_due"), {"owner": owner, "lease_seconds": lease_seconds, "limit": limit}
-        )
+        cur = await conn.execute(_claim_sql(limit), {"owner": owner, "lease_seconds": lease_seconds})
         due = await conn.execute(q("next_due"))
     rows = await cur.fetchall()
     row = await due.fetchone()

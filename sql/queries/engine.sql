@@ -6,8 +6,9 @@
 -- Claim up to %(limit)s due deliveries for %(owner)s: authsession first (its own partial index),
 -- then notification, each slice in next_attempt_at order, SKIP LOCKED so instances never wait on
 -- each other. One statement: the row locks, the lease and the payload read happen together.
--- Each slice is limited by the plain parameter (so the planner knows the batch is small and joins
--- by primary key); notification rows locked beyond the batch are merely left alone.
+-- Each slice is limited by the batch size itself (store.engine writes %(limit)s in as a constant,
+-- so that even a cached generic plan knows the batch is small and joins by primary key);
+-- notification rows locked beyond the batch are merely left alone.
 WITH auth AS (
     SELECT delivery_id, next_attempt_at AS due, 0 AS prio
     FROM mail.deliveries
