@@ -397,7 +397,8 @@ class Bench:
         self.sink = harness.SmtpSink(self.procs, self.workdir)
         if self.args.private_pg:
             pg = harness.PrivatePostgres(self.procs, self.workdir, settings=(
-                "shared_preload_libraries=pg_stat_statements", "pg_stat_statements.track=all"))
+                "shared_preload_libraries=pg_stat_statements,auto_explain", "pg_stat_statements.track=all",
+                "auto_explain.log_min_duration=-1", *self.args.pg_setting))
             self.args.admin_dsn = pg.dsn("postgres")
         results: dict[str, Any] = {}
         for name in names:
@@ -532,6 +533,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--private-pg", action="store_true",
                    help="run PostgreSQL of our own (initdb) with pg_stat_statements and report the statements "
                         "that took the database's time in each scenario")
+    p.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra server setting for --private-pg (e.g. auto_explain.log_min_duration=20ms)")
     p.add_argument("--redis-addr", default=os.environ.get("MAILTRIO_BENCH_REDIS_ADDR", "127.0.0.1:6379"))
     p.add_argument("--keep-logs", action="store_true", help="keep the work directory with the service logs")
     return p.parse_args(argv)
