@@ -1,9 +1,9 @@
 """The one place that knows about trio-asyncio.
 
-redis-py's asyncio client, psycopg's AsyncConnection (and its pool) and aiosmtplib are asyncio
-libraries. The service runs on Trio; `open_loop()` provides an asyncio loop inside the Trio run
-and `aio()` wraps an asyncio coroutine function so Trio code can await it. Trio cancellation
-propagates into the asyncio task, so cancel scopes bound asyncio work too.
+redis-py's asyncio client and psycopg's AsyncConnection (and its pool) are asyncio libraries.
+The service runs on Trio; `open_loop()` provides an asyncio loop inside the Trio run and `aio()`
+wraps an asyncio coroutine function so Trio code can await it. Trio cancellation propagates into
+the asyncio task, so cancel scopes bound asyncio work too.
 """
 
 from __future__ import annotations

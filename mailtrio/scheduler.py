@@ -42,7 +42,8 @@ CONCURRENT_CLAIMS = 2
 # Bound on one scheduler query.
 QUERY_TIMEOUT = 15.0
 # A claim is shielded from cancellation (so a claim that committed is never lost to a shutdown,
-# which would leave its rows waiting for lease expiry), within this bound.
+# which would leave its rows waiting for lease expiry), within this bound; never more than a
+# quarter of MAIL_SHUTDOWN_TIMEOUT, so a stalled claim cannot stretch the shutdown past its bound.
 CLAIM_TIMEOUT = 5.0
 # After a database error, wait this long (doubling up to the cap) before trying again.
 ERROR_BACKOFF = (0.2, 5.0)
@@ -64,6 +65,7 @@ class Scheduler:
         self.send_channel = send_channel
         self.pool = pool
         self.owner = settings.instance_id
+        self.claim_timeout = min(CLAIM_TIMEOUT, settings.shutdown_timeout / 4)
         self._wake = trio.Event()
         self._listening = False
         pool.on_retry_scheduled = self._retry_scheduled
@@ -137,7 +139,7 @@ class Scheduler:
         async def _run(conn: Conn) -> tuple[Prepared, float | None]:
             return await store.claim_batch(conn, owner=owner, lease_seconds=lease, limit=limit, prepare=prepare)
 
-        with trio.CancelScope(shield=True), trio.fail_after(CLAIM_TIMEOUT):
+        with trio.CancelScope(shield=True), trio.fail_after(self.claim_timeout):
             prepared, self.next_wait = await self.db.run(_run)
         claimed = len(prepared.jobs) + len(prepared.failures)
         self.claimed += claimed

@@ -1,1 +1,1 @@
-"""Delivery providers: `smtp` (aiosmtplib) and `stub` (nothing leaves the process)."""
+"""Delivery providers: `smtp` (an ESMTP client on Trio streams) and `stub` (nothing leaves the process)."""
