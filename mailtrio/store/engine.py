@@ -255,13 +255,13 @@ async def finish_attempts(conn: Conn, *, owner: str, items: Sequence[Finish]) ->
 
 async def rescue_expired(conn: Conn, *, rescuer: str, limit: int = 500) -> list[dict[str, Any]]:
     """Put deliveries with an expired lease back on the schedule; returns (delivery_id, instance_id)."""
-    cur = await conn.execute(q("rescue_expired"), {"rescuer": rescuer, "limit": limit})
+    cur = await conn.execute(q("rescue_leases"), {"owner": None, "rescuer": rescuer, "limit": limit})
     return list(await cur.fetchall())
 
 
 async def rescue_own_leases(conn: Conn, *, owner: str, limit: int = 500) -> list[dict[str, Any]]:
     """Before the first claim: put back what a previous run of this instance left `sending`."""
-    cur = await conn.execute(q("rescue_own_leases"), {"owner": owner, "rescuer": owner, "limit": limit})
+    cur = await conn.execute(q("rescue_leases"), {"owner": owner, "rescuer": owner, "limit": limit})
     return list(await cur.fetchall())
 
 

@@ -129,14 +129,19 @@ WITH i AS (
 )
 SELECT delivery_id FROM d;
 
--- name: rescue_expired
--- Put deliveries whose lease expired (their instance died mid-attempt) back on the schedule, due
--- now, recording the unfinished attempt as `interrupted` under the instance that held the lease.
--- SKIP LOCKED and the status condition make sure exactly one instance rescues each delivery.
+-- name: rescue_leases
+-- Put claimed deliveries back on the schedule, due now, recording the unfinished attempt as
+-- `interrupted` under the instance that held the lease. Two callers: every instance, for leases
+-- that expired (their instance died mid-attempt; %(owner)s NULL), and an instance at startup,
+-- before its first claim, for leases still held under its own id (MAIL_INSTANCE_ID is unique
+-- among live instances, so they belong to a previous run of it). SKIP LOCKED and the status
+-- condition make sure exactly one instance rescues each delivery.
 WITH expired AS (
     SELECT d.delivery_id
     FROM mail.deliveries d
-    WHERE d.status = 'sending' AND d.lease_expires_at < now()
+    WHERE d.status = 'sending'
+      AND CASE WHEN %(owner)s::text IS NULL THEN d.lease_expires_at < now()
+               ELSE d.lease_owner = %(owner)s::text END
     ORDER BY d.lease_expires_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -149,7 +154,10 @@ WITH expired AS (
 ), d AS (
     UPDATE mail.deliveries d
     SET status = CASE WHEN prev.rendered THEN 'rendered' ELSE 'queued' END,
-        status_reason = 'interrupted: lease of ' || prev.lease_owner || ' expired',
+        status_reason = CASE WHEN %(owner)s::text IS NULL
+                             THEN 'interrupted: lease of ' || prev.lease_owner || ' expired'
+                             ELSE 'interrupted: a previous run of ' || prev.lease_owner
+                                  || ' stopped mid-attempt' END,
         attempt_count = d.attempt_count + 1,
         next_attempt_at = now(),
         schedule_entered_at = now(),
@@ -165,49 +173,8 @@ INSERT INTO mail.attempts (delivery_id, attempt_no, status, started_at, finished
                            provider_summary, details, instance_id)
 SELECT prev.delivery_id, d.attempt_count, 'interrupted', prev.lease_started_at, now(),
        greatest(0, (extract(epoch FROM (now() - prev.lease_started_at)) * 1000)::int),
-       'interrupted: lease expired, outcome unknown',
-       jsonb_build_object('rescued_by', %(rescuer)s::text, 'lease_expires_at', prev.lease_expires_at),
-       prev.lease_owner
-FROM prev JOIN d ON d.delivery_id = prev.delivery_id
-RETURNING delivery_id, instance_id;
-
--- name: rescue_own_leases
--- At startup, before its first claim: leases still held under this instance's own id belong to a
--- previous run of it (MAIL_INSTANCE_ID is unique among live instances) that stopped mid-attempt.
--- They go back on the schedule at once, like expired leases, instead of waiting to expire.
-WITH expired AS (
-    SELECT d.delivery_id
-    FROM mail.deliveries d
-    WHERE d.status = 'sending' AND d.lease_owner = %(owner)s
-    ORDER BY d.lease_expires_at
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-), prev AS (
-    SELECT d.delivery_id, d.attempt_count, d.lease_owner, d.lease_started_at, d.lease_expires_at,
-           (p.rendered_at IS NOT NULL) AS rendered
-    FROM mail.deliveries d
-    JOIN expired e ON e.delivery_id = d.delivery_id
-    JOIN mail.payloads p ON p.delivery_id = d.delivery_id
-), d AS (
-    UPDATE mail.deliveries d
-    SET status = CASE WHEN prev.rendered THEN 'rendered' ELSE 'queued' END,
-        status_reason = 'interrupted: a previous run of ' || prev.lease_owner || ' stopped mid-attempt',
-        attempt_count = d.attempt_count + 1,
-        next_attempt_at = now(),
-        schedule_entered_at = now(),
-        lease_owner = NULL,
-        lease_started_at = NULL,
-        lease_expires_at = NULL,
-        updated_at = now()
-    FROM prev
-    WHERE d.delivery_id = prev.delivery_id AND d.status = 'sending'
-    RETURNING d.delivery_id, d.attempt_count
-)
-INSERT INTO mail.attempts (delivery_id, attempt_no, status, started_at, finished_at, duration_ms,
-                           provider_summary, details, instance_id)
-SELECT prev.delivery_id, d.attempt_count, 'interrupted', prev.lease_started_at, now(),
-       greatest(0, (extract(epoch FROM (now() - prev.lease_started_at)) * 1000)::int),
-       'interrupted: the instance restarted mid-attempt, outcome unknown',
+       CASE WHEN %(owner)s::text IS NULL THEN 'interrupted: lease expired, outcome unknown'
+            ELSE 'interrupted: the instance restarted mid-attempt, outcome unknown' END,
        jsonb_build_object('rescued_by', %(rescuer)s::text, 'lease_expires_at', prev.lease_expires_at),
        prev.lease_owner
 FROM prev JOIN d ON d.delivery_id = prev.delivery_id
