@@ -242,7 +242,7 @@ class Scheduler:
             job.span.end()
         with trio.move_on_after(3.0) as scope:
             scope.shield = True
-            finishes = [release(job.claim) for job in jobs]
+            finishes = [release(job.claim, job.content.locale) for job in jobs]
             try:
                 done = await self.pool.recorder.write_now(finishes)
                 self.released += len(done)

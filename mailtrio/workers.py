@@ -510,6 +510,7 @@ class WorkerPool:
             retry_ms=retry_ms,
             ladder_step=step.ladder_step,
             dead_reason=dead_reason,
+            resolved_locale=job.content.locale,
         )
         job.span.set_attribute("mail.attempt_status", str(report.status))
         job.span.set_attribute("mail.delivery_status", step.delivery_status)
@@ -578,6 +579,7 @@ class WorkerPool:
                 details={"phase": "shutdown"},
                 retry_ms=0,
                 ladder_step=claim.ladder_step,
+                resolved_locale=job.content.locale,
             )
             try:
                 done = await self.recorder.write_now([finish])
@@ -594,7 +596,7 @@ class WorkerPool:
                        delivery_id=claim.delivery_id)
 
 
-def release(claim: store.Claim) -> store.Finish:
+def release(claim: store.Claim, resolved_locale: str | None = None) -> store.Finish:
     """Give a claim back untouched (no attempt took place): due now, schedule age kept."""
     return store.Finish(
         delivery_id=claim.delivery_id,
@@ -609,6 +611,7 @@ def release(claim: store.Claim) -> store.Finish:
         ladder_step=claim.ladder_step,
         reenter=False,
         keep_reason=True,
+        resolved_locale=resolved_locale,
     )
 
 

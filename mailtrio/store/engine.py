@@ -113,6 +113,8 @@ class Finish:
     reenter: bool = True
     keep_reason: bool = False
     dead_reason: str | None = None
+    # the locale of the stored content (None: keep the delivery's)
+    resolved_locale: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -129,6 +131,7 @@ class Finish:
             "reenter": self.reenter,
             "keep_reason": self.keep_reason,
             "dead_reason": self.dead_reason,
+            "resolved_locale": self.resolved_locale,
         }
 
 
@@ -149,6 +152,12 @@ def _rows(items: Sequence[ContentWrite] | Sequence[Finish]) -> str:
     if "\\u0000" in text:
         text = json.dumps([_no_nul(item.as_json()) for item in items], ensure_ascii=False, separators=(",", ":"))
     return text
+
+
+def _batch_params(owner: str, items: Sequence[ContentWrite] | Sequence[Finish]) -> dict[str, Any]:
+    """Parameters of a fenced batch write: the rows as JSON, and their ids as an array (see
+    store_content in engine.sql: it keeps every plan on the primary keys)."""
+    return {"owner": owner, "rows": _rows(items), "ids": [item.delivery_id for item in items]}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -223,9 +232,9 @@ async def claim_batch(
         async with conn.pipeline(), conn.transaction():
             await conn.execute("SET LOCAL synchronous_commit = off")
             if prepared.contents:
-                cur = await conn.execute(q("store_content"), {"owner": owner, "rows": _rows(prepared.contents)})
+                cur = await conn.execute(q("store_content"), _batch_params(owner, prepared.contents))
             if prepared.failures:
-                await conn.execute(q("finish_attempts"), {"owner": owner, "rows": _rows(prepared.failures)})
+                await conn.execute(q("finish_attempts"), _batch_params(owner, prepared.failures))
         if cur is not None:
             prepared.stored = {r["delivery_id"] for r in await cur.fetchall()}
     return prepared, wait
@@ -242,12 +251,12 @@ async def next_due(conn: Conn) -> float | None:
 
 async def finish_attempts(conn: Conn, *, owner: str, items: Sequence[Finish]) -> set[str]:
     """Record outcomes (fenced) in one statement; returns the delivery ids whose fence held."""
-    rows = _rows(items)
+    params = _batch_params(owner, items)
     if not any(f.retry_ms == 0 for f in items):
-        cur = await conn.execute(q("finish_attempts"), {"owner": owner, "rows": rows})
+        cur = await conn.execute(q("finish_attempts"), params)
         return {r["delivery_id"] for r in await cur.fetchall()}
     async with conn.pipeline():
-        cur = await conn.execute(q("finish_attempts"), {"owner": owner, "rows": rows})
+        cur = await conn.execute(q("finish_attempts"), params)
         # Due again right now (put back at shutdown): let every instance's scheduler know.
         await conn.execute(q("notify_schedule"))
     return {r["delivery_id"] for r in await cur.fetchall()}

@@ -1,6 +1,7 @@
 -- The delivery engine: claims, rendered content, fenced outcomes, lease rescue.
--- Every write to a claimed delivery is fenced on (status = 'sending', lease_owner, lease_started_at):
--- once a lease is lost (rescued by another instance, released at shutdown) a late write is a no-op.
+-- Every write to a claimed delivery is fenced on its lease (lease_owner, lease_started_at; set
+-- exactly while status = 'sending', by CHECK deliveries_lease_iff_sending): once a lease is lost
+-- (rescued by another instance, released at shutdown) a late write is a no-op.
 
 -- name: claim_due
 -- Claim up to %(limit)s due deliveries for %(owner)s: authsession first (its own partial index),
@@ -38,7 +39,8 @@ SET status = 'sending',
 FROM picked
 JOIN mail.payloads p ON p.delivery_id = picked.delivery_id
 WHERE d.delivery_id = picked.delivery_id
-RETURNING d.delivery_id, d.source, d.payload_mode, d.template_id, d.locale, d.resolved_locale,
+RETURNING d.delivery_id, d.source, d.payload_mode, d.template_id, d.locale,
+          coalesce(p.resolved_locale, d.resolved_locale) AS resolved_locale,
           d.recipients, d.message_id, d.attempt_count, d.ladder_step, d.traceparent,
           d.lease_started_at, picked.prio, picked.due,
           p.payload, p.subject, p.text_body, p.html_body, p.headers, p.rendered_at;
@@ -51,31 +53,35 @@ FROM mail.deliveries
 WHERE status IN ('queued', 'rendered');
 
 -- name: store_content
--- Store the content rendered once for claimed deliveries (fenced), with the resolved locale.
+-- Store the content rendered once for claimed deliveries, with the resolved locale, fenced on the
+-- lease: a read of the deliveries row, never a write (the payloads row alone changes, so the
+-- deliveries indexes are left alone). `rendered_at IS NULL` keeps the first render: rendering is
+-- deterministic (the catalog is immutable), so a write racing a lease rescue stores the same text.
+-- Fences name the lease columns only, never `status = 'sending'`: the CHECK constraint
+-- deliveries_lease_iff_sending makes them equivalent, and the planner then probes the primary
+-- key rather than scanning the status index through the dead entries a busy schedule leaves.
+-- The ids also come as an array (`= ANY(%(ids)s)`): an index condition with an estimate the size
+-- of the batch, so that no plan, generic or made from statistics taken while the table was still
+-- small, joins the rows of jsonb_to_recordset (estimated at 100) by scanning a whole table.
 WITH i AS (
     SELECT *
     FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(
         delivery_id text, lease_started_at timestamptz, subject text, text_body text,
         html_body text, headers jsonb, resolved_locale text)
-), d AS (
-    UPDATE mail.deliveries d
-    SET resolved_locale = i.resolved_locale, updated_at = now()
-    FROM i
-    WHERE d.delivery_id = i.delivery_id
-      AND d.status = 'sending'
-      AND d.lease_owner = %(owner)s
-      AND d.lease_started_at = i.lease_started_at
-    RETURNING d.delivery_id
 )
 UPDATE mail.payloads p
 SET subject = i.subject,
     text_body = i.text_body,
     html_body = i.html_body,
     headers = i.headers,
+    resolved_locale = i.resolved_locale,
     rendered_at = now()
 FROM i
-JOIN d ON d.delivery_id = i.delivery_id
+JOIN mail.deliveries d ON d.delivery_id = i.delivery_id
 WHERE p.delivery_id = i.delivery_id AND p.rendered_at IS NULL
+  AND p.delivery_id = ANY(%(ids)s::text[]) AND d.delivery_id = ANY(%(ids)s::text[])
+  AND d.lease_owner = %(owner)s
+  AND d.lease_started_at = i.lease_started_at
 RETURNING p.delivery_id;
 
 -- name: finish_attempts
@@ -83,15 +89,16 @@ RETURNING p.delivery_id;
 -- an attempt took place), its place on the retry ladder and, for a dead letter, the matching
 -- dead_letters row, all in one statement. `retry_ms` NULL = terminal; otherwise the delivery goes
 -- back on the schedule that many milliseconds from now (`reenter`: it re-enters the schedule now,
--- for the age metric; `keep_reason`: a released claim keeps its status_reason). Returns the ids
--- whose fence held.
+-- for the age metric; `keep_reason`: a released claim keeps its status_reason; `resolved_locale`:
+-- the locale the stored content was rendered in). Returns the ids whose fence held (the lease
+-- columns, see store_content).
 WITH i AS (
     SELECT *
     FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(
         delivery_id text, lease_started_at timestamptz, status text, status_reason text,
         attempt_status text, elapsed_ms integer, provider_summary text, details jsonb,
         retry_ms bigint, ladder_step integer, reenter boolean, keep_reason boolean,
-        dead_reason text)
+        dead_reason text, resolved_locale text)
 ), d AS (
     UPDATE mail.deliveries d
     SET status = i.status,
@@ -102,13 +109,14 @@ WITH i AS (
                                ELSE now() + make_interval(secs => i.retry_ms / 1000.0) END,
         schedule_entered_at = CASE WHEN i.retry_ms IS NOT NULL AND i.reenter THEN now()
                                    ELSE d.schedule_entered_at END,
+        resolved_locale = coalesce(i.resolved_locale, d.resolved_locale),
         lease_owner = NULL,
         lease_started_at = NULL,
         lease_expires_at = NULL,
         updated_at = now()
     FROM i
     WHERE d.delivery_id = i.delivery_id
-      AND d.status = 'sending'
+      AND d.delivery_id = ANY(%(ids)s::text[])
       AND d.lease_owner = %(owner)s
       AND d.lease_started_at = i.lease_started_at
     RETURNING d.delivery_id, d.attempt_count
@@ -147,7 +155,7 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 ), prev AS (
     SELECT d.delivery_id, d.attempt_count, d.lease_owner, d.lease_started_at, d.lease_expires_at,
-           (p.rendered_at IS NOT NULL) AS rendered
+           (p.rendered_at IS NOT NULL) AS rendered, p.resolved_locale
     FROM mail.deliveries d
     JOIN expired e ON e.delivery_id = d.delivery_id
     JOIN mail.payloads p ON p.delivery_id = d.delivery_id
@@ -159,6 +167,8 @@ WITH expired AS (
                              ELSE 'interrupted: a previous run of ' || prev.lease_owner
                                   || ' stopped mid-attempt' END,
         attempt_count = d.attempt_count + 1,
+        resolved_locale = CASE WHEN prev.rendered THEN coalesce(prev.resolved_locale, d.resolved_locale)
+                               ELSE d.resolved_locale END,
         next_attempt_at = now(),
         schedule_entered_at = now(),
         lease_owner = NULL,

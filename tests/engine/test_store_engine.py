@@ -109,13 +109,14 @@ async def test_content_and_render_failures_are_written_with_the_claim(db: Databa
     h.insert(database, [h.delivery("good"), h.delivery("bad-1")])
     await claim(db, 5)
     rows = h.deliveries(database)
-    assert rows["good"]["status"] == "sending" and rows["good"]["resolved_locale"] == "en"
+    # the render is stored with the content alone; the delivery row learns its locale from the outcome
+    assert rows["good"]["status"] == "sending" and rows["good"]["resolved_locale"] is None
     assert rows["bad-1"]["status"] == "failed" and rows["bad-1"]["status_reason"] == "render_failed: boom"
     assert rows["bad-1"]["lease_owner"] is None and rows["bad-1"]["attempt_count"] == 0
     assert h.attempts(database, "bad-1") == []
     payload = h.query(database, "SELECT * FROM mail.payloads WHERE delivery_id = 'good'")[0]
     assert payload["subject"] == "Subject good" and payload["rendered_at"] is not None
-    assert payload["headers"] == {"X-A": "1"}
+    assert payload["headers"] == {"X-A": "1"} and payload["resolved_locale"] == "en"
 
 
 async def test_finish_is_fenced_on_owner_and_lease(db: Database, database: str) -> None:
@@ -126,9 +127,10 @@ async def test_finish_is_fenced_on_owner_and_lease(db: Database, database: str) 
     assert await finish(db, [outcome(c)], owner="someone-else") == set()
     assert h.deliveries(database, ["d1"])["d1"]["status"] == "sending"
     assert h.attempts(database, "d1") == []
-    assert await finish(db, [outcome(c)]) == {"d1"}
+    assert await finish(db, [outcome(c, resolved_locale="pt-BR")]) == {"d1"}
     row = h.deliveries(database, ["d1"])["d1"]
     assert row["status"] == "sent" and row["lease_owner"] is None and row["attempt_count"] == 1
+    assert row["resolved_locale"] == "pt-BR"  # the outcome carries the locale of the content sent
     [a] = h.attempts(database, "d1")
     assert a["attempt_no"] == 1 and a["status"] == "provider_accepted" and a["instance_id"] == "me"
     assert a["started_at"] == c.lease_started_at and a["duration_ms"] == 12
@@ -174,6 +176,7 @@ async def test_retry_and_dead_letter_fields(db: Database, database: str) -> None
     [again] = await claim(db, 5)
     assert again.delivery_id == "r1" and again.rendered and again.subject == "Subject r1"
     assert again.attempt_count == 1 and again.ladder_step == 1
+    assert again.resolved_locale == "en"  # from the stored content
     assert await finish(db, [outcome(again)]) == {"r1"}
     assert [a["attempt_no"] for a in h.attempts(database, "r1")] == [1, 2]
 
@@ -215,6 +218,9 @@ async def test_rescue_expired_leases_exactly_once(db: Database, database: str) -
     assert rows["live"]["status"] == "sending"
     assert rows["x0"]["status"] == "queued"  # no stored content: back to queued
     assert all(rows[f"x{i}"]["status"] == "rendered" for i in range(1, 30))
+    # a rescued render tells the delivery its locale; no render, no locale
+    assert rows["x0"]["resolved_locale"] is None
+    assert all(rows[f"x{i}"]["resolved_locale"] == "en" for i in range(1, 30))
     for i in range(30):
         r = rows[f"x{i}"]
         assert r["next_attempt_at"] is not None and r["lease_owner"] is None and r["attempt_count"] == 1
