@@ -85,10 +85,14 @@ def metric_reader() -> Iterator[Any]:
     test that reads metrics in-process shares this reader (compare values before and after).
     """
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import SpanProcessor
 
     from mailtrio import telemetry
 
     reader = InMemoryMetricReader()
-    installed = telemetry.setup("test-process", env={}, extra_readers=[reader])
+    # Tests add in-memory span exporters to this provider later: say now that spans are read, so
+    # that they are recorded (with no span processor at all, they would carry ids only).
+    installed = telemetry.setup("test-process", env={}, extra_readers=[reader],
+                                extra_span_processor=lambda tp: tp.add_span_processor(SpanProcessor()))
     yield reader
     installed.shutdown()
