@@ -63,6 +63,8 @@ COMMIT_TIMEOUT = 60.0
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 PAUSE_GC = True
+# Batches up to this size commit in libpq pipeline mode (see Database.transaction).
+PIPELINE_MAX_BATCH = 64
 
 
 @dataclass
@@ -451,7 +453,9 @@ class Consumer:
             )
 
         with trio.fail_after(COMMIT_TIMEOUT):
-            return await self.db.transaction(_tx)
+            # Small batches (a trickle of commands, where latency counts) save two round trips in
+            # pipeline mode; large ones do not: there its bookkeeping costs more than it saves.
+            return await self.db.transaction(_tx, pipeline=len(outcomes) <= PIPELINE_MAX_BATCH)
 
 
 def _merge(a: store.BatchResult, b: store.BatchResult) -> store.BatchResult:

@@ -109,14 +109,24 @@ class Database:
 
         return await bridge.call(_unit)
 
-    async def transaction(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        """Like `run`, inside one transaction (committed on success, rolled back on error)."""
+    async def transaction(self, fn: Callable[[Conn], Awaitable[T]], *, pipeline: bool = False) -> T:
+        """Like `run`, inside one transaction (committed on success, rolled back on error).
+
+        With `pipeline`, the unit runs in libpq pipeline mode: BEGIN travels with the first
+        statement and the last statements with COMMIT, so a transaction of n statements whose
+        results are read one after another costs n round trips instead of n + 2 (each psycopg
+        round trip from here costs ~0.2 ms of CPU). Results are read where `fn` fetches them;
+        an error surfaces at that fetch, as without a pipeline."""
 
         async def _tx(conn: Conn) -> T:
             async with conn.transaction():
                 return await fn(conn)
 
-        return await self.run(_tx)
+        async def _piped(conn: Conn) -> T:
+            async with conn.pipeline(), conn.transaction():
+                return await fn(conn)
+
+        return await self.run(_piped if pipeline else _tx)
 
     # -- migrations ----------------------------------------------------------------------------
     async def migrate(self, *, within: float = 60.0) -> list[int]:
