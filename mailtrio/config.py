@@ -373,6 +373,7 @@ def markdown_reference() -> str:
             shown += " (stub mode)"
         rows.append(f"| `{name}` | {required_text} | {shown} | {meaning} |")
     rows.append("| `OTEL_*` | no | | standard OpenTelemetry SDK variables (`OTEL_EXPORTER_OTLP_ENDPOINT`, "
-                "`OTEL_TRACES_EXPORTER`, `OTEL_METRICS_EXPORTER`, `OTEL_SERVICE_NAME`, ...); with no exporter "
-                "configured nothing is exported |")
+                "`OTEL_TRACES_EXPORTER`, `OTEL_METRICS_EXPORTER`, `OTEL_SERVICE_NAME`, `OTEL_TRACES_SAMPLER`, "
+                "...); with no exporter configured nothing is exported, and with no span exporter and no "
+                "`OTEL_TRACES_SAMPLER` spans carry trace ids for the logs but are not recorded |")
     return "\n".join(rows) + "\n"
