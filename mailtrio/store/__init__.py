@@ -7,6 +7,7 @@ which checks a connection out of the pool, runs the unit of work and returns its
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -119,14 +120,10 @@ class Database:
         an error surfaces at that fetch, as without a pipeline."""
 
         async def _tx(conn: Conn) -> T:
-            async with conn.transaction():
+            async with conn.pipeline() if pipeline else contextlib.nullcontext(), conn.transaction():
                 return await fn(conn)
 
-        async def _piped(conn: Conn) -> T:
-            async with conn.pipeline(), conn.transaction():
-                return await fn(conn)
-
-        return await self.run(_piped if pipeline else _tx)
+        return await self.run(_tx)
 
     # -- migrations ----------------------------------------------------------------------------
     async def migrate(self, *, within: float = 60.0) -> list[int]:
