@@ -148,7 +148,9 @@ class Bench:
         cpu = None if cpu_now is None else cpu_now - self._cpu0
         busy1 = harness.machine_busy()
         wall = time.time() - self._wall0
-        busy = (busy1[0] - self._busy0[0]) / max(1.0, busy1[1] - self._busy0[1])
+        span = max(1.0, busy1[1] - self._busy0[1])
+        busy = (busy1[0] - self._busy0[0]) / span
+        steal = (busy1[2] - self._busy0[2]) / span
         code = serve.stop()
         if spy is not None:
             try:
@@ -164,6 +166,7 @@ class Bench:
                 "service_cpu_s": None if cpu is None else round(cpu, 2),
                 "service_cpu_share": None if cpu is None else round(cpu / max(wall, 1e-3), 3),
                 "machine_busy_share": round(busy, 3),
+                "machine_steal_share": round(steal, 3),
                 "postgres_backends_cpu_s": None if pg_cpu is None else round(pg_cpu, 2),
                 "postgres_commits": commits,
                 **({"postgres_top_statements": statements} if statements is not None else {})}
@@ -510,8 +513,9 @@ def table(results: dict[str, Any]) -> str:
                 f"{res['notification_waiting_at_start']} / {res['notification_waiting_at_end']}")
         if "peak_rss_mb" in res:
             add(scn, "peak RSS MiB", res["peak_rss_mb"], TARGETS["rss_mb"])
-            add(scn, "service CPU / machine busy",
-                f"{100 * (res['service_cpu_share'] or 0):.0f}% of a core / {100 * res['machine_busy_share']:.0f}%")
+            add(scn, "service CPU / machine busy / steal",
+                f"{100 * (res['service_cpu_share'] or 0):.0f}% of a core / {100 * res['machine_busy_share']:.0f}%"
+                f" / {100 * res.get('machine_steal_share', 0.0):.0f}%")
     widths = [max(len(r[i]) for r in [("scenario", "figure", "value", "target"), *rows]) for i in range(4)]
     lines = []
     for r in [("scenario", "figure", "value", "target"), *rows]:

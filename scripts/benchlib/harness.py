@@ -97,13 +97,17 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs since boot; compare two readings for utilisation."""
+def machine_busy() -> tuple[float, float, float]:
+    """(busy, total, steal) jiffies of all CPUs since boot; compare two readings for utilisation.
+
+    Steal is time the hypervisor gave this machine's virtual CPUs to someone else: when it is
+    high, every figure of the run is slower for reasons outside the code under test."""
     with open("/proc/stat") as f:
         parts = [float(x) for x in f.readline().split()[1:]]
     idle = parts[3] + (parts[4] if len(parts) > 4 else 0.0)
     total = sum(parts[:8])
-    return total - idle, total
+    steal = parts[7] if len(parts) > 7 else 0.0
+    return total - idle, total, steal
 
 
 # --- processes -------------------------------------------------------------------------------
