@@ -33,6 +33,7 @@ def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
         assert "error" not in res, (name, res, done.stderr[-3000:])
         assert _number(res["peak_rss_mb"]), name
         assert res["exit_code"] == 0, (name, res)
+        assert 0.0 <= res["machine_steal_share"] <= res["machine_busy_share"] <= 1.0, (name, res)
 
     intake = scenarios["intake"]
     assert _number(intake["commands_per_s"]) and intake["commands_per_s"] > 0
