@@ -79,6 +79,7 @@ class Bench:
         self.redis = harness.redis_client(self.redis_addr)
         self.sink: harness.SmtpSink | None = None
         self.run_id = uuid.uuid4().hex[:8]
+        self.serve_env = dict(item.split("=", 1) for item in args.serve_env)
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -101,6 +102,7 @@ class Bench:
             MAIL_LOG_LEVEL="info",
         )
         env.update(extra)
+        env.update(self.serve_env)
         return env
 
     @contextlib.contextmanager
@@ -539,6 +541,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         "that took the database's time in each scenario")
     p.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
                    help="extra server setting for --private-pg (e.g. auto_explain.log_min_duration=20ms)")
+    p.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for the service (the bench drops inherited MAIL_*/OTEL_* "
+                        "variables), e.g. OTEL_TRACES_SAMPLER=always_on to record every span")
     p.add_argument("--redis-addr", default=os.environ.get("MAILTRIO_BENCH_REDIS_ADDR", "127.0.0.1:6379"))
     p.add_argument("--keep-logs", action="store_true", help="keep the work directory with the service logs")
     return p.parse_args(argv)
@@ -551,6 +556,10 @@ def main(argv: list[str]) -> int:
     unknown = set(names) - {"intake", "e2e", "latency", "fairness"}
     if unknown:
         print(f"unknown scenario(s): {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    bad_env = [item for item in args.serve_env if "=" not in item]
+    if bad_env:
+        print(f"bad --serve-env (NAME=VALUE): {', '.join(bad_env)}", file=sys.stderr)
         return 2
     sizes = QUICK if args.quick else FULL
     try:
@@ -565,7 +574,7 @@ def main(argv: list[str]) -> int:
     finally:
         bench.close()
     doc = {
-        "meta": {"quick": args.quick, "workers": args.workers, "started_at": started,
+        "meta": {"quick": args.quick, "workers": args.workers, "serve_env": args.serve_env, "started_at": started,
                  "seconds": round(time.time() - started, 1), "cpus": os.cpu_count(), "sizes": sizes.__dict__,
                  "targets": TARGETS},
         "scenarios": results,
