@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 import mailtrio
-from mailtrio import bridge, log, telemetry
+from mailtrio import bridge, log, sdnotify, telemetry
 from mailtrio.catalog import Catalog, CatalogError
 from mailtrio.config import Settings
 from mailtrio.intake import Consumer
@@ -139,9 +139,12 @@ async def _serve(
                 binds = await http_nursery.start(http_serve, http_app, settings, http_stop.wait)
                 _log.info("internal http listener started", binds=binds)
                 task_status.started(binds)
+                sdnotify.notify(settings.notify_socket, "READY=1", f"STATUS=ready: API on {' '.join(map(str, binds))}, "
+                                f"{settings.worker_concurrency} workers, {settings.smtp_mode} mode")
                 await shutdown_requested.wait()
                 shutdown_deadline = trio.current_time() + settings.shutdown_timeout
                 _log.info("shutdown started", timeout_s=settings.shutdown_timeout)
+                sdnotify.notify(settings.notify_socket, "STOPPING=1", "STATUS=shutting down: draining attempts")
                 http_stop.set()
                 http_nursery.cancel_scope.deadline = trio.current_time() + min(5.0, settings.shutdown_timeout / 3)
             _log.info("internal http listener stopped")

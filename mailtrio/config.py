@@ -6,6 +6,7 @@ variable; the CLI turns it into one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -98,6 +99,16 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback IP addresses (no name is resolved: configuration does no I/O)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_host: str
@@ -132,6 +143,9 @@ class Settings:
     retention_interval: float
     log_format: str
     log_level: str
+    http_protected_mode: bool = True
+    # systemd's NOTIFY_SOCKET (not a MAIL_* variable: systemd sets it under Type=notify)
+    notify_socket: str | None = None
 
     @property
     def lease_seconds(self) -> float:
@@ -170,7 +184,12 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
     "MAIL_SMTP_CA_FILE": (False, "", "CA bundle to verify the SMTP server (default: system store)"),
     "MAIL_SMTP_TIMEOUT": (False, "30s", "bound on one SMTP transaction; lease = this + 15s"),
     "MAIL_INTERNAL_HTTP_ADDR": (False, "127.0.0.1:8080", "internal HTTP listener"),
-    "MAIL_INTERNAL_HTTP_TOKEN": (False, "", "bearer token required on every route when set"),
+    "MAIL_INTERNAL_HTTP_TOKEN": (False, "", "bearer token required on every route when set; required when "
+                                 "the listener is not on loopback (see MAIL_INTERNAL_HTTP_PROTECTED_MODE)"),
+    "MAIL_INTERNAL_HTTP_PROTECTED_MODE": (False, "yes", "`yes`: a MAIL_INTERNAL_HTTP_ADDR that is not a loopback "
+                                          "address (127.0.0.0/8, ::1, localhost) needs MAIL_INTERNAL_HTTP_TOKEN, "
+                                          "else exit 2; `no` serves it without a token (the API shows login "
+                                          "codes: only behind another access control)"),
     "MAIL_SHUTDOWN_TIMEOUT": (False, "30s", "bound on the whole coordinated shutdown (keep it below "
                               "systemd's TimeoutStopSec)"),
     "MAIL_ATTEMPT_WORKER_CONCURRENCY": (False, "16", "attempt workers (fed through a bounded memory channel)"),
@@ -300,6 +319,18 @@ def _parse(env: Mapping[str, str]) -> Settings:
 
     http_host, http_port = address("MAIL_INTERNAL_HTTP_ADDR", default("MAIL_INTERNAL_HTTP_ADDR"))
     http_token = env.get("MAIL_INTERNAL_HTTP_TOKEN") or None
+    protected_raw = default("MAIL_INTERNAL_HTTP_PROTECTED_MODE").lower()
+    if protected_raw not in ("yes", "no"):
+        raise ConfigError("MAIL_INTERNAL_HTTP_PROTECTED_MODE", f"must be yes or no, got {protected_raw!r}")
+    protected = protected_raw == "yes"
+    # Protected mode (Redis's model): content routes show login codes, so an API reachable from
+    # other hosts must ask for a token unless the operator says otherwise.
+    if protected and http_token is None and not is_loopback(http_host):
+        raise ConfigError(
+            "MAIL_INTERNAL_HTTP_TOKEN",
+            f"is required when MAIL_INTERNAL_HTTP_ADDR ({http_host}) is not a loopback address: the API "
+            "shows login codes (set MAIL_INTERNAL_HTTP_PROTECTED_MODE=no to serve it without a token anyway)",
+        )
     shutdown_timeout = duration("MAIL_SHUTDOWN_TIMEOUT")
     concurrency = integer("MAIL_ATTEMPT_WORKER_CONCURRENCY", 1, 10_000)
 
@@ -356,6 +387,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
         retention_interval=retention_interval,
         log_format=log_format,
         log_level=log_level,
+        http_protected_mode=protected,
+        notify_socket=env.get("NOTIFY_SOCKET") or None,
     )
 
 

@@ -286,6 +286,7 @@ class Consumer:
             attributes={
                 "messaging.system": "redis",
                 "messaging.operation.name": "process",
+                "messaging.operation.type": "process",
                 "messaging.destination.name": self.stream.name,
                 "messaging.consumer.group.name": self.stream.group,
                 "messaging.batch.message_count": len(entries),
@@ -345,7 +346,9 @@ class Consumer:
             context=_propagator.extract({"traceparent": text}),
             kind=SpanKind.CONSUMER,
             links=link,
-            attributes={"messaging.message.id": entry_id, "messaging.destination.name": self.stream.name},
+            attributes={"messaging.message.id": entry_id, "messaging.destination.name": self.stream.name,
+                        "messaging.system": "redis", "messaging.operation.name": "process",
+                        "messaging.operation.type": "process"},
         )
 
     async def _finish(self, batch: _Batch) -> IntakeCounts:

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 
 import trio
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailtrio import log, message, retry, telemetry
@@ -461,11 +461,19 @@ class WorkerPool:
                 raise
             await self._record(job, report)
 
+    def _send_attributes(self, recipients: int) -> dict[str, str | int]:
+        """The CLIENT span's attributes: the peer as OpenTelemetry names it (server.address/port)."""
+        attributes: dict[str, str | int] = {"mail.recipients": recipients, "mail.provider": self.provider_name}
+        if self.provider_name == "smtp" and self.settings.smtp_host and self.settings.smtp_port:
+            attributes["server.address"] = self.settings.smtp_host
+            attributes["server.port"] = self.settings.smtp_port
+        return attributes
+
     async def _send(self, session: Session, envelope: Envelope, data: bytes) -> SendReport:
         timeout = self.settings.smtp_timeout
         start = trio.current_time()
         span = telemetry.tracer.start_span(
-            "smtp send", attributes={"mail.recipients": len(envelope.recipients), "mail.provider": self.provider_name}
+            "smtp send", kind=SpanKind.CLIENT, attributes=self._send_attributes(len(envelope.recipients)),
         )
         try:
             with trio.move_on_after(timeout) as scope:
