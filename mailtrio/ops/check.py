@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from mailtrio.ops import output
+from mailtrio.ops import output, run_trio
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -33,7 +33,7 @@ class Step:
 
 
 def run(env: Mapping[str, str], *, as_json: bool = False) -> int:
-    steps = trio.run(check, env)
+    steps = run_trio(check, env)
     if as_json:
         output.emit_json([asdict(s) for s in steps])
     else:

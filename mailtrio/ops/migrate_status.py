@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import sys
 
-import trio
-
-from mailtrio.ops import output
+from mailtrio.ops import output, run_trio
 
 
 def main(dsn: str, *, as_json: bool = False) -> int:
@@ -18,7 +16,7 @@ def main(dsn: str, *, as_json: bool = False) -> int:
             return await migration_status(dsn)
 
     try:
-        status = trio.run(_read)
+        status = run_trio(_read)
     except StartupError as exc:
         print(f"mailtrio: migrate status failed: {exc}", file=sys.stderr, flush=True)
         return 1

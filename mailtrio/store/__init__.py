@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -129,9 +130,10 @@ class Database:
         return await self.run(_tx)
 
     # -- migrations ----------------------------------------------------------------------------
-    async def migrate(self, *, within: float = 60.0) -> list[int]:
-        """Apply pending embedded migrations under the advisory lock; return applied versions."""
-        pending = migrations.load()
+    async def migrate(self, *, within: float = 60.0, directory: Path | None = None) -> list[int]:
+        """Apply pending migrations (the embedded ones unless `directory` is given) under the
+        advisory lock; return the applied versions."""
+        pending = migrations.load(directory)
         conn = await self.connect_direct()
         try:
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.api.conftest import sql  # noqa: F401  (the fixture, shared with the API tests)
-from tests.foundation.conftest import Completed, run_cli
+from tests.api.conftest import sql  # noqa: F401  (fixtures shared with the API and foundation tests)
+from tests.foundation.conftest import Completed, broken_catalog, run_cli, schemaless_database  # noqa: F401
 from tests.support.serve import ServeProcess, base_env
 
 TOKEN = "operator-s3cret-token"
