@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from email.utils import parseaddr
 from pathlib import Path
 
+from mailtrio import bcp47
+
 
 class ConfigError(Exception):
     def __init__(self, variable: str, message: str) -> None:
@@ -216,7 +218,6 @@ def postgres_dsn(env: Mapping[str, str]) -> str:
     return dsn
 
 
-_LOCALE_RE = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?$")
 _STREAM_NAME_RE = re.compile(r"^[^\s]{1,256}$")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -280,8 +281,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
     if not template_dir.is_dir():
         raise ConfigError("MAIL_TEMPLATE_DIR", f"{str(template_dir)!r} is not a directory")
     default_locale = default("MAIL_DEFAULT_LOCALE")
-    if not _LOCALE_RE.match(default_locale):
-        raise ConfigError("MAIL_DEFAULT_LOCALE", f"{default_locale!r} is not a canonical BCP 47 tag")
+    if not bcp47.is_canonical(default_locale):
+        raise ConfigError("MAIL_DEFAULT_LOCALE",
+                          f"{default_locale!r} is not a canonical BCP 47 tag ({bcp47.EXAMPLES})")
 
     mode = required("MAIL_SMTP_MODE")
     if mode not in ("smtp", "stub"):
