@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from mailtrio.enums import ATTEMPT_STATUSES, DELIVERY_STATUSES, FAILURE_CODES, PAYLOAD_MODES, SOURCES
+from mailtrio.enums import (
+    ATTEMPT_STATUSES,
+    DELIVERY_STATUSES,
+    FAILURE_CODES,
+    PAYLOAD_MODES,
+    SOURCES,
+    WAITING_STATUSES,
+)
 from mailtrio.store import Conn, Database
 from mailtrio.store.queries import q
 
@@ -295,7 +302,7 @@ async def schedule_summary(db: Database) -> dict[str, Any]:
         counts = row["by_status"] or {}
         by_status = {status: int(counts.get(status, 0)) for status in DELIVERY_STATUSES}
         return {
-            "depth": by_status["queued"] + by_status["rendered"],
+            "depth": sum(by_status[status] for status in WAITING_STATUSES),
             "oldest_age_ms": int(row["oldest_age_ms"]),
             "by_status": by_status,
         }
