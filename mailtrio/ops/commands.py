@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from mailtrio.config import parse_duration
+from mailtrio.config import format_duration, parse_duration
 from mailtrio.enums import DELIVERY_STATUSES, FAILURE_CODES, SOURCES
 from mailtrio.ops import output
 from mailtrio.ops.client import DEFAULT_ADDR, ApiClient, OpsError, UsageError
@@ -306,7 +306,7 @@ def dead_letters_retry(args: argparse.Namespace, client: ApiClient) -> int:
     results = [_apply(client, "retry", did) for did in chosen]
     retried = [r for r in results if r["ok"]]
     refused = [r for r in results if not r["ok"]]
-    scope = f"dead-lettered within {args.since:g}s" if args.since is not None else "all dead letters"
+    scope = f"dead-lettered within {format_duration(args.since)}" if args.since is not None else "all dead letters"
     if args.json:
         output.emit_json({"scope": scope, "matched": len(chosen), "retried": [r["delivery_id"] for r in retried],
                           "refused": refused, "more_remain": more})

@@ -124,7 +124,7 @@ def test_dead_letters_list_and_bulk_retry(service: Service, sql: psycopg.Connect
     # bounded: --max 1 retries the newest one of the last hour and says that more remain
     done = service.cli("dead-letters", "retry", "--all", "--since", "1h", "--max", "1")
     assert done.code == 1, done
-    assert done.stdout.strip() == ("retried 1 of 1 dead letters (dead-lettered within 3600s); 0 refused; "
+    assert done.stdout.strip() == ("retried 1 of 1 dead letters (dead-lettered within 1h); 0 refused; "
                                    "more remain beyond --max 1: run again")
     assert status_of(sql, recent) != "dead_letter"
     done = service.cli("dead-letters", "retry", "--all", "--since", "1h", "--json")
