@@ -189,7 +189,9 @@ def _responses() -> dict[str, Any]:
 
     return {
         "InvalidArgument": error("invalid_argument: a parameter is malformed"),
-        "Unauthorized": error("unauthorized: missing or wrong bearer token"),
+        "Unauthorized": {**error("unauthorized: missing or wrong bearer token"), "headers": {
+            "WWW-Authenticate": {"description": 'the challenge: Bearer realm="mailtrio" (with error="invalid_token" '
+                                 "when a wrong token was sent)", "schema": {"type": "string"}}}},
         "NotFound": error("not_found: no such delivery"),
         "Conflict": error("conflict: the delivery's status does not allow this"),
         "Internal": error("internal: the service could not answer (e.g. the database is unreachable)"),

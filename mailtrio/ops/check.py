@@ -2,9 +2,11 @@
 
 Steps, in start-up order: configuration (every variable), Redis (PING), PostgreSQL (connect,
 schema `mail`, open the pool), migrations (applied and pending, goose's view; nothing is applied),
-the template catalog (parse all), and in smtp mode an SMTP probe with the service's own client:
-connect, EHLO, STARTTLS or implicit TLS as configured, AUTH when credentials are set, QUIT; no
-mail is sent. One line per step; the exit code is 0 when every step is ok, else 1.
+the template catalog (parse all), the internal HTTP listener's address (bound and released; in
+use is reported, not failed: the running instance being replaced holds it), and in smtp mode an
+SMTP probe with the service's own client: connect, EHLO, STARTTLS or implicit TLS as configured,
+AUTH when credentials are set, QUIT; no mail is sent. One line per step; the exit code is 0 when
+every step is ok, else 1.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ async def check(env: Mapping[str, str]) -> list[Step]:
     except (ConfigError, ValueError) as exc:
         return [Step("configuration", "failed", str(exc))] + [
             Step(name, "skipped", "needs a valid configuration")
-            for name in ("redis", "postgres", "migrations", "templates", "smtp")
+            for name in ("redis", "postgres", "migrations", "templates", "listener", "smtp")
         ]
     steps = [Step("configuration", "ok", f"{settings.smtp_mode} mode, API on "
                   f"{settings.http_host}:{settings.http_port}"
@@ -67,6 +69,7 @@ async def check(env: Mapping[str, str]) -> list[Step]:
         else:
             steps.append(Step("migrations", "skipped", "needs PostgreSQL"))
     steps.append(await _step("templates", lambda: _catalog(settings)))
+    steps.append(await _step("listener", lambda: _listener(settings)))
     if settings.smtp_mode == "smtp":
         steps.append(await _step("smtp", lambda: _smtp(settings), within=settings.smtp_timeout + 1.0))
     else:
@@ -140,6 +143,26 @@ async def _catalog(settings: Any) -> str:
         more = f" (and {len(exc.problems) - 1} more: mailtrio templates check)" if len(exc.problems) > 1 else ""
         raise StartupError(f"{first}{more}") from exc
     return f"{len(catalog.template_ids)} templates parsed from {settings.template_dir}"
+
+
+async def _listener(settings: Any) -> str:
+    """Can MAIL_INTERNAL_HTTP_ADDR be bound here? In use is not a failure: the running instance
+    being replaced usually holds it."""
+    import errno
+
+    host, port = settings.http_host, settings.http_port
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM, flags=trio.socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    with trio.socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        try:
+            await sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"{where} is in use now (by a running instance?): serve needs it free"
+            raise
+    return f"{where} can be bound"
 
 
 async def _smtp(settings: Any) -> str:

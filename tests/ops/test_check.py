@@ -5,6 +5,7 @@ server that refuses the credentials and one that offers no STARTTLS."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,9 @@ def test_healthy_stub_setup(service_env: dict[str, str]) -> None:
     done = run_cli(["check"], service_env)
     assert done.code == 0, done
     found = steps(done)
-    assert list(found) == ["configuration", "redis", "postgres", "migrations", "templates", "smtp"]
-    assert [r for r, _ in found.values()] == ["ok", "ok", "ok", "ok", "ok", "skipped"]
+    assert list(found) == ["configuration", "redis", "postgres", "migrations", "templates", "listener", "smtp"]
+    assert [r for r, _ in found.values()] == ["ok", "ok", "ok", "ok", "ok", "ok", "skipped"]
+    assert found["listener"][1] == f"{service_env['MAIL_INTERNAL_HTTP_ADDR']} can be bound"
     assert found["redis"][1] == f"{service_env['MAIL_REDIS_MASTER_ADDR']} answered PING"
     count = len(migrations.load())
     assert found["migrations"][1] == f"{count} of {count} applied"
@@ -68,7 +70,7 @@ def test_broken_redis_schema_and_catalog(service_env: dict[str, str], schemaless
     assert found["postgres"][0] == "failed" and "schema 'mail' does not exist" in found["postgres"][1]
     assert found["migrations"] == ("skipped", "needs PostgreSQL")
     assert found["templates"][0] == "failed" and f"{bad_file}:3" in found["templates"][1]
-    assert len(done.stdout.splitlines()) == 6
+    assert len(done.stdout.splitlines()) == 7
 
 
 def test_pending_migrations_are_reported_not_applied(service_env: dict[str, str], empty_database: str) -> None:
@@ -78,6 +80,20 @@ def test_pending_migrations_are_reported_not_applied(service_env: dict[str, str]
     assert result == "ok" and detail.startswith("0 of ") and "pending (applied at start-up): 00001_init.sql" in detail
     with psycopg.connect(empty_database) as conn:
         assert conn.execute("SELECT to_regclass('mail.goose_db_version')").fetchone() == (None,)
+
+
+def test_listener_address(service_env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = run_cli(["check"], dict(service_env, MAIL_INTERNAL_HTTP_ADDR=addr, MAIL_REDIS_MASTER_ADDR=closed_addr()))
+        assert steps(done)["listener"] == ("ok", f"{addr} is in use now (by a running instance?): serve needs it free")
+    # an address of no interface of this host cannot be bound: failed
+    done = run_cli(["check"], dict(service_env, MAIL_INTERNAL_HTTP_ADDR="192.0.2.1:8080", MAIL_INTERNAL_HTTP_TOKEN="t",
+                                   MAIL_REDIS_MASTER_ADDR=closed_addr()))
+    result, detail = steps(done)["listener"]
+    assert result == "failed" and "Cannot assign requested address" in detail, detail
 
 
 def test_configuration_error(service_env: dict[str, str]) -> None:
