@@ -122,5 +122,9 @@ def test_smtp_probe(service_env: dict[str, str], smtp_factory: Callable[..., Smt
     assert no_tls.code == 1, no_tls
     assert steps(no_tls)["smtp"] == ("failed", "tls: the server does not offer STARTTLS (MAIL_SMTP_TLS=starttls)")
 
+    implicit = smtp_factory(tls="tls")
+    done = run_cli(["check"], smtp_env(service_env, implicit))
+    assert steps(done)["smtp"] == ("ok", f"{implicit.addr}: connect, TLS, EHLO, AUTH, QUIT ok (nothing sent)"), done
+
     down = run_cli(["check"], smtp_env(service_env, good, MAIL_SMTP_ADDR=closed_addr()))
     assert down.code == 1 and steps(down)["smtp"][1].startswith("connect: "), down
