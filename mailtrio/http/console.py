@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import jinja2
+import trio
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from quart import Response, current_app, g, request
 from quart_trio import QuartTrio
@@ -49,6 +50,7 @@ COOKIE = "mailtrio_console"
 OUTCOME_MINUTES = 15
 PAGE_SIZES = (25, 50, 100, 200)
 MAX_BULK = 500
+WRONG_TOKEN_DELAY = 0.5
 ACTIONS = {
     "retry": ("Retry", "back on the schedule, due now, with a fresh retry ladder", ("failed", "dead_letter")),
     "cancel": ("Cancel", "cancelled: it will not be sent", ("queued", "rendered")),
@@ -356,6 +358,7 @@ def register(app: QuartTrio, settings_token: str | None, session_ttl: float) -> 
             target = form.get("next", "")
             return _redirect(target if _NEXT_RE.fullmatch(target) else PREFIX)
         _log.warning("console sign-in refused", reason="wrong token")
+        await trio.sleep(WRONG_TOKEN_DELAY)  # guessing costs time
         return _login_page(status=401, error="Wrong token.", target=form.get("next", ""))
 
     @app.post(f"{PREFIX}/logout")
