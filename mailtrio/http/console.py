@@ -142,7 +142,11 @@ async def guard() -> Response | None:
     g.console_expired = expired
     g.console_cookie = None
     if session is None:
-        session = _issue(state.sessions.new(authenticated=state.token is None))
+        session = state.sessions.new(authenticated=state.token is None)
+        # A page or the sign-in form starts a session; a POST without one (a form posted from
+        # another site, say) is refused below and leaves the browser's cookie alone.
+        if request.method == "GET" or request.path == f"{PREFIX}/login":
+            _issue(session)
     g.console_session = session
     if session.authenticated or request.path in (f"{PREFIX}/login",) or request.path.startswith(f"{PREFIX}/static/"):
         return None

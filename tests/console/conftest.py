@@ -48,19 +48,24 @@ RULES = [
 
 
 class RequestSink:
-    """A loopback HTTP listener that records the path of every request it receives."""
+    """A loopback HTTP listener that records the path of every request it receives; it answers
+    with the HTML set in `pages` for that path, else with an empty image."""
 
     def __init__(self) -> None:
         paths: list[str] = []
+        pages: dict[str, str] = {}
         self.paths = paths
+        self.pages = pages
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 paths.append(self.path)
+                body = pages.get(self.path, "").encode()
                 self.send_response(200)
-                self.send_header("Content-Type", "image/gif")
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Type", "text/html; charset=utf-8" if body else "image/gif")
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:
                 pass

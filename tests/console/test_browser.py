@@ -142,6 +142,7 @@ def test_script_in_a_subject_is_text_and_the_content_frame_runs_nothing_and_load
         page: Any, console: Console) -> None:
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    console.sink.paths.clear()
     sign_in(page, console, f"/console/deliveries/{console.seeded.xss}")
     assert page.locator("#subject").inner_text() == XSS_SUBJECT
     assert page.locator("#subject b").count() == 0 and page.locator("#subject script").count() == 0
@@ -222,6 +223,17 @@ def test_cancel_needs_its_confirmation_and_the_form_token(page: Any, console: Co
     forged = page.request.post(console.base + f"/console/deliveries/{did}/cancel")
     assert forged.status == 403
     assert console.delivery(did)["status"] == "queued"
+    # a page of another site that posts to the console while the operator is signed in: the
+    # SameSite=Strict cookie stays home (and the form token is missing anyway)
+    action = f"{console.base}/console/deliveries/{did}/cancel"
+    console.sink.pages["/attack.html"] = (f'<form id="f" method="post" action="{action}">'
+                                          '<input name="csrf" value="guess"></form>'
+                                          '<script>document.getElementById("f").submit()</script>')
+    with page.expect_navigation(url=re.compile(r".*/cancel$")):
+        page.goto(f"http://localhost:{console.sink.port}/attack.html")
+    assert "Sign-in required" in page.locator("h1").inner_text()
+    assert console.delivery(did)["status"] == "queued"
+    page.goto(console.base + f"/console/deliveries/{did}")
 
     _go(page, "#action-cancel")
     _go(page, "#confirm")
