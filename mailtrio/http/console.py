@@ -53,7 +53,7 @@ MAX_BULK = 500
 WRONG_TOKEN_DELAY = 0.5
 ACTIONS = {
     "retry": ("Retry", "back on the schedule, due now, with a fresh retry ladder", ("failed", "dead_letter")),
-    "cancel": ("Cancel", "cancelled: it will not be sent", ("queued", "rendered")),
+    "cancel": ("Cancel", "marked cancelled; it will never be sent", ("queued", "rendered")),
 }
 NOTICES = {"retry": "Retried: the delivery is back on the schedule.", "cancel": "Cancelled."}
 
