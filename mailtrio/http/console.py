@@ -51,6 +51,7 @@ OUTCOME_MINUTES = 15
 PAGE_SIZES = (25, 50, 100, 200)
 MAX_BULK = 500
 WRONG_TOKEN_DELAY = 0.5
+REFRESH_CHOICES = ("10", "30", "60")  # seconds between reloads of the overview, when asked
 ACTIONS = {
     "retry": ("Retry", "back on the schedule, due now, with a fresh retry ladder", ("failed", "dead_letter")),
     "cancel": ("Cancel", "marked cancelled; it will never be sent", ("queued", "rendered")),
@@ -375,8 +376,10 @@ def register(app: QuartTrio, settings_token: str | None, session_ttl: float) -> 
     async def console_overview() -> Response:
         schedule = await _bounded(lambda: store_api.schedule_summary(_db()))
         activity = await _bounded(lambda: store_api.activity(_db(), minutes=OUTCOME_MINUTES))
+        refresh = request.args.get("refresh", "")
         return _page("overview.html", section="overview", schedule=schedule, activity=activity,
-                     chart=outcome_chart(activity["outcomes"]), minutes=OUTCOME_MINUTES)
+                     chart=outcome_chart(activity["outcomes"]), minutes=OUTCOME_MINUTES,
+                     refresh=int(refresh) if refresh in REFRESH_CHOICES else None)
 
     @app.get(f"{PREFIX}/deliveries")
     async def console_deliveries() -> Response:

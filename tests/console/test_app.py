@@ -64,6 +64,10 @@ async def test_without_a_token_pages_open_and_actions_still_need_the_form_token(
     assert cookie.startswith("mailtrio_console=")
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/console" in cookie
     assert "Sign out" not in await overview.get_data(as_text=True)  # nothing to sign out of
+    assert 'http-equiv="refresh"' not in await overview.get_data(as_text=True)
+    reloading = await (await client.get("/console?refresh=30")).get_data(as_text=True)
+    assert '<meta http-equiv="refresh" content="30">' in reloading
+    assert 'http-equiv="refresh"' not in await (await client.get("/console?refresh=1")).get_data(as_text=True)
 
     # without the session's form token nothing changes
     assert (await client.post(f"/console/deliveries/{did}/cancel", form={})).status_code == 403
