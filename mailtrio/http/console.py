@@ -89,9 +89,18 @@ class Session:
 class Sessions:
     """Signed, timed session cookies; the key lives and dies with the process."""
 
+    MAX_REVOKED = 10_000
+
     def __init__(self, ttl: float, *, key: bytes | None = None) -> None:
         self.ttl = ttl
         self._serializer = URLSafeTimedSerializer(key or secrets.token_bytes(32), salt="mailtrio.console.session")
+        # Sessions signed out before they expired (by their CSRF token, unique per session).
+        self._revoked: dict[str, None] = {}
+
+    def revoke(self, session: Session) -> None:
+        self._revoked[session.csrf] = None
+        while len(self._revoked) > self.MAX_REVOKED:
+            del self._revoked[next(iter(self._revoked))]
 
     def new(self, *, authenticated: bool) -> Session:
         return Session(authenticated=authenticated, csrf=secrets.token_urlsafe(32))
@@ -110,6 +119,8 @@ class Sessions:
         except BadSignature:
             return None, False
         if not isinstance(data, dict) or not isinstance(data.get("a"), bool) or not isinstance(data.get("c"), str):
+            return None, False
+        if data["c"] in self._revoked:
             return None, False
         return Session(authenticated=data["a"], csrf=data["c"]), False
 
@@ -369,6 +380,7 @@ def register(app: QuartTrio, settings_token: str | None, session_ttl: float) -> 
     @app.post(f"{PREFIX}/logout")
     async def console_logout() -> Response:
         await _csrf_ok()
+        _state().sessions.revoke(_session())
         _issue(_state().sessions.new(authenticated=_state().token is None))
         return _redirect(f"{PREFIX}/login" if _state().token is not None else PREFIX)
 

@@ -159,6 +159,8 @@ def test_sessions_are_signed_by_the_process() -> None:
     assert sessions.load(raw[:-1] + ("A" if raw[-1] != "A" else "B")) == (None, False)
     assert console.Sessions(3600).load(raw) == (None, False)  # another process's key
     assert sessions.load(None) == (None, False) and sessions.load("garbage") == (None, False)
+    sessions.revoke(session)  # signed out: the cookie is worth nothing, even before it expires
+    assert sessions.load(raw) == (None, False)
 
 
 def test_recipient_outcomes_are_a_table_when_the_delivery_has_them() -> None:
