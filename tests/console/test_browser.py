@@ -3,6 +3,7 @@ deliveries in every status (see conftest.py). Screenshots of every page are writ
 
 from __future__ import annotations
 
+import http.client
 import re
 import time
 from typing import Any
@@ -58,6 +59,18 @@ def test_token_prompt_wrong_token_and_the_json_routes_still_need_the_bearer(page
     assert api.status == 401 and api.json()["error"]["code"] == "unauthorized"
     api = page.request.get(console.base + "/api/v1/internal/schedule", headers={"Authorization": f"Bearer {TOKEN}"})
     assert api.status == 200
+
+    # nor does a path that starts like the console's and walks out of it
+    host, port = console.proc.http_addr.rsplit(":", 1)
+    for raw in ("/console/../api/v1/internal/schedule", "/console/%2e%2e/api/v1/internal/schedule"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request("GET", raw, headers={"Cookie": f"mailtrio_console={session['value']}"})
+            answer = conn.getresponse()
+            body = answer.read()
+        finally:
+            conn.close()
+        assert answer.status in (401, 404) and b"by_status" not in body, (raw, answer.status)
 
     # a tampered cookie is no session
     page.context.add_cookies([{**session, "value": session["value"][:-2] + "xx"}])
