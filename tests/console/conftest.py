@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import os
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,6 @@ class Seeded:
     rendered: str
     sending: str
     cancelled: str
-    malformed_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -135,11 +135,8 @@ class Console:
 def _command(did: str, *, to: str, source: str = "notification", send_at: datetime | None = None,
              subject: str | None = None, html: str | None = None) -> dict[str, str]:
     if subject is None:
-        fields = entry(did, source=source, template_id="newsletter", to=[to],
-                       variables={"title": "Spring news", "intro": "Hello Ada"}, send_at=send_at)
-        return fields
-    import json
-
+        return entry(did, source=source, template_id="newsletter", to=[to],
+                     variables={"title": "Spring news", "intro": "Hello Ada"}, send_at=send_at)
     payload = {"to": [to], "subject": subject, "text": "Plain text part.\n<script>not a script</script>",
                "html": html}
     return {"delivery_id": did, "source": source, "idempotency_key": f"key-{did}", "payload_mode": "rendered",
@@ -213,7 +210,6 @@ def _seed(proc: ServeProcess, dsn: str, stream: str, sink: RequestSink) -> Seede
     while True:
         status, body = console.api("GET", "/malformed-commands")
         if status == 200 and len(body["items"]) >= len(malformed):
-            seeded.malformed_ids = [item["id"] for item in body["items"]]
             break
         assert time.monotonic() < deadline, body
         time.sleep(0.1)
