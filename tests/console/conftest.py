@@ -294,6 +294,11 @@ def page(browser: Any) -> Iterator[Any]:
 
 def shot(page: Any, name: str) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    if page.locator("#content-frame").count():
+        # the content frame (a process of its own) paints once it has been on screen: show it
+        page.frame_locator("#content-frame").locator("body").wait_for()
+        page.locator("#content-frame").scroll_into_view_if_needed()
+        page.wait_for_timeout(200)
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
