@@ -148,6 +148,7 @@ class Settings:
     http_protected_mode: bool = True
     # systemd's NOTIFY_SOCKET (not a MAIL_* variable: systemd sets it under Type=notify)
     notify_socket: str | None = None
+    console_session_ttl: float = 12 * 3600.0
 
     @property
     def lease_seconds(self) -> float:
@@ -192,6 +193,8 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
                                           "address (127.0.0.0/8, ::1, localhost) needs MAIL_INTERNAL_HTTP_TOKEN, "
                                           "else exit 2; `no` serves it without a token (the API shows login "
                                           "codes: only behind another access control)"),
+    "MAIL_CONSOLE_SESSION_TTL": (False, "12h", "how long a sign-in to the operator console (`/console`) lasts "
+                                 "when MAIL_INTERNAL_HTTP_TOKEN is set"),
     "MAIL_SHUTDOWN_TIMEOUT": (False, "30s", "bound on the whole coordinated shutdown (keep it below "
                               "systemd's TimeoutStopSec)"),
     "MAIL_ATTEMPT_WORKER_CONCURRENCY": (False, "16", "attempt workers (fed through a bounded memory channel)"),
@@ -334,6 +337,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
             "shows login codes (set MAIL_INTERNAL_HTTP_PROTECTED_MODE=no to serve it without a token anyway)",
         )
     shutdown_timeout = duration("MAIL_SHUTDOWN_TIMEOUT")
+    console_session_ttl = duration("MAIL_CONSOLE_SESSION_TTL")
+    if console_session_ttl < 1:
+        raise ConfigError("MAIL_CONSOLE_SESSION_TTL", "must be at least 1s")
     concurrency = integer("MAIL_ATTEMPT_WORKER_CONCURRENCY", 1, 10_000)
 
     ladder_raw = default("MAIL_RETRY_LADDER")
@@ -391,6 +397,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         log_level=log_level,
         http_protected_mode=protected,
         notify_socket=env.get("NOTIFY_SOCKET") or None,
+        console_session_ttl=console_session_ttl,
     )
 
 
