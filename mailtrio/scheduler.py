@@ -24,6 +24,7 @@ from __future__ import annotations
 import trio
 
 from mailtrio import bridge, log, telemetry
+from mailtrio.backoff import Backoff
 from mailtrio.config import Settings
 from mailtrio.store import Conn, Database
 from mailtrio.store import engine as store
@@ -45,7 +46,7 @@ QUERY_TIMEOUT = 15.0
 # which would leave its rows waiting for lease expiry), within this bound; never more than a
 # quarter of MAIL_SHUTDOWN_TIMEOUT, so a stalled claim cannot stretch the shutdown past its bound.
 CLAIM_TIMEOUT = 5.0
-# After a database error, wait this long (doubling up to the cap) before trying again.
+# After a database error, wait about this long (doubling up to the cap, jittered: mailtrio.backoff).
 ERROR_BACKOFF = (0.2, 5.0)
 # Never sleep less than this between claim rounds that found nothing claimable.
 MIN_SLEEP = 0.01
@@ -169,18 +170,17 @@ class Scheduler:
     async def _claim_loop(self) -> None:
         """Start claims for idle workers, up to CONCURRENT_CLAIMS at once (their commits overlap);
         when a claim comes back short, the schedule is drained: sleep until woken or due."""
-        backoff = ERROR_BACKOFF[0]
+        backoff = Backoff(*ERROR_BACKOFF)
         async with trio.open_nursery() as nursery:
             while True:
                 available = await self._wait_capacity()
                 if self._error:
                     self._error = False
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, ERROR_BACKOFF[1])
+                    await trio.sleep(backoff.next())
                     continue
                 if self._claim_ok:
                     self._claim_ok = False
-                    backoff = ERROR_BACKOFF[0]
+                    backoff.reset()
                 if self._drained:
                     # The last claim came back short and read when the next delivery falls due.
                     wait = self.next_wait
@@ -312,7 +312,7 @@ class Scheduler:
     # -- LISTEN mail_schedule --------------------------------------------------------------------
     async def _listen(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
-        backoff = ERROR_BACKOFF[0]
+        backoff = Backoff(*ERROR_BACKOFF)
         while True:
             conn: Conn | None = None
             try:
@@ -323,7 +323,7 @@ class Scheduler:
                 if started:
                     _log.info("schedule listener reconnected")
                 self._listening = True
-                backoff = ERROR_BACKOFF[0]
+                backoff.reset()
                 self.wake()  # anything notified while we were not listening
                 if not started:
                     started = True
@@ -333,8 +333,9 @@ class Scheduler:
                         self.wake()
             except Exception as exc:
                 self._listening = False
+                delay = backoff.next()
                 _log.warning("schedule listener lost; polling until it reconnects",
-                             error=_one_line(exc), retry_in_s=backoff)
+                             error=_one_line(exc), retry_in_s=round(delay, 3))
             finally:
                 if conn is not None:
                     with trio.move_on_after(2.0) as scope:
@@ -344,8 +345,7 @@ class Scheduler:
                 # Start anyway: the bounded poll keeps the schedule moving without notifications.
                 started = True
                 task_status.started()
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, ERROR_BACKOFF[1])
+            await trio.sleep(delay)
 
     # -- regular activity line ------------------------------------------------------------------
     async def _activity_loop(self) -> None:

@@ -35,6 +35,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailtrio import log, message, retry, telemetry
+from mailtrio.backoff import Backoff
 from mailtrio.catalog import Catalog, RenderError
 from mailtrio.config import Settings, format_duration
 from mailtrio.providers.base import AttemptStatus, Envelope, Phase, Provider, SendReport, Session
@@ -257,7 +258,7 @@ class Recorder:
 
     async def _flush(self, batch: _Batch, *, retry_transient: bool = True) -> None:
         items = [item for item, _ in batch.items]
-        delay = 0.1
+        backoff = Backoff(0.1, 2.0)
         try:
             while True:
                 try:
@@ -267,10 +268,10 @@ class Recorder:
                     if not retry_transient:
                         raise
                     # The leases still protect these rows; keep trying while the database recovers.
+                    delay = backoff.next()
                     _log.warning("outcome write failed, retrying", error=_one_line(exc),
-                                 retry_in_s=delay, items=len(items))
+                                 retry_in_s=round(delay, 3), items=len(items))
                     await trio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
         except trio.Cancelled:
             batch.failed = True
             raise
