@@ -627,8 +627,9 @@ class WorkerPool:
         claim = job.claim
         window = send_window(job.lease_end, trio.current_time(), self.settings.smtp_timeout)
         if window < MIN_SEND_SECONDS or (self.identity is not None and not self.identity.holds()):
+            left = job.lease_end - trio.current_time()
             why = ("the instance identity lock is lost" if window >= MIN_SEND_SECONDS
-                   else f"the lease had {max(0.0, window + LEASE_MARGIN):.1f}s left")
+                   else f"the lease had {left:.1f}s left" if left > 0 else f"the lease ended {-left:.1f}s ago")
             await self._release_unsent(job, f"not sent: {why}")
             return None
         try:
