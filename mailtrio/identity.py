@@ -43,7 +43,7 @@ PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 5.0
 # At startup, how long a lock held by someone else is retried before giving up.
 STARTUP_WAIT = 3.0
-RECONNECT_BACKOFF = (0.2, 5.0)
+RECONNECT_BACKOFF = (0.2, 2.0)
 
 
 class IdentityConflict(Exception):
