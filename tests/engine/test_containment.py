@@ -15,9 +15,10 @@ import trio
 from mailtrio import bridge
 from mailtrio.catalog import Catalog
 from mailtrio.config import Settings
+from mailtrio.identity import IdentityConflict, InstanceIdentity
 from mailtrio.providers.base import AttemptStatus, Envelope, Phase
 from mailtrio.providers.stub import StubProvider
-from mailtrio.store import Database
+from mailtrio.store import Database, StartupError
 from mailtrio.store import engine as store
 from mailtrio.store.queries import q
 from mailtrio.workers import (
@@ -251,3 +252,57 @@ async def test_an_expired_lease_of_a_live_owner_is_not_rescued(db: Database, dat
         await trio.sleep(0.05)
     assert [r["delivery_id"] for r in rescued] == ["mine"]
     assert await db.run(lambda conn: store.identity_holder(conn, instance_id="alive-1")) is None
+
+
+# -- the identity lock ---------------------------------------------------------------------------------
+
+
+def terminate(dsn: str, pid: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+
+
+async def test_a_second_identity_is_refused_and_a_broken_lock_is_taken_again(db: Database, database: str) -> None:
+    first = InstanceIdentity(db, "inst-1")
+    await first.acquire()
+    assert first.holds()
+    with pytest.raises(StartupError, match=r"MAIL_INSTANCE_ID 'inst-1' is already in use by a live process"):
+        await InstanceIdentity(db, "inst-1").acquire()
+    await InstanceIdentity(db, "inst-2").acquire()  # another id is free
+    holder = await db.run(lambda conn: store.identity_holder(conn, instance_id="inst-1"))
+    assert holder is not None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        terminate(database, holder["pid"])  # e.g. a PostgreSQL restart or failover
+        with trio.fail_after(15):
+            while first.losses == 0 or not first.holds():
+                await first.changed.wait()  # lost, then taken again
+        again = await db.run(lambda conn: store.identity_holder(conn, instance_id="inst-1"))
+        assert again is not None and again["pid"] != holder["pid"]
+        nursery.cancel_scope.cancel()
+    # released at the end
+    assert await db.run(lambda conn: store.identity_holder(conn, instance_id="inst-1")) is None
+
+
+async def test_a_lock_taken_by_another_process_meanwhile_stops_this_one(db: Database, database: str) -> None:
+    mine = InstanceIdentity(db, "inst-3")
+    await mine.acquire()
+    holder = await db.run(lambda conn: store.identity_holder(conn, instance_id="inst-3"))
+    assert holder is not None
+    terminate(database, holder["pid"])
+    clone = None
+    with trio.fail_after(10):
+        while clone is None:  # the other process gets the lock first
+            conn: psycopg.Connection[object] = psycopg.connect(database, autocommit=True)
+            row = conn.execute(q("identity_lock"), {"instance_id": "inst-3"}).fetchone()
+            if row is not None and row[0] is True:
+                clone = conn
+            else:
+                conn.close()
+                await trio.sleep(0.01)
+    try:
+        with trio.fail_after(20), pytest.raises(IdentityConflict, match="MAIL_INSTANCE_ID 'inst-3' was taken"):
+            await mine.run()
+        assert not mine.holds()
+    finally:
+        clone.close()
