@@ -61,7 +61,7 @@ class Plan:
     rate: float
     kill_every: tuple[float, float]
     redis_restart_at: float
-    pg_restart_at: float
+    pg_restart_at: float  # well after chaos_until: an instance relaunched by a kill is up by then
     pg_down_for: float  # longer than a lease
     stop_at: float  # SIGSTOP of one instance ...
     stop_for: float  # ... for longer than a lease, then SIGCONT
@@ -75,7 +75,7 @@ class Plan:
     drain_cap: float  # seconds the final drain may take at most
 
 
-FULL = Plan(commands=20_000, rate=800.0, kill_every=(3.0, 6.0), redis_restart_at=8.0, pg_restart_at=30.0,
+FULL = Plan(commands=20_000, rate=800.0, kill_every=(3.0, 6.0), redis_restart_at=8.0, pg_restart_at=36.0,
             pg_down_for=21.0, stop_at=5.0, stop_for=21.0, poison=20, settle_s=10.0, chaos_until=26.0, workers=8,
             smtp_timeout="3s", lease_s=18.0, ladder="500ms,1s,2s,3s,4s,5s", drain_cap=1200.0)
 SMALL = Plan(commands=600, rate=150.0, kill_every=(1.5, 2.5), redis_restart_at=1.2, pg_restart_at=23.0,
