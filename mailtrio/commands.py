@@ -760,3 +760,13 @@ def conflict(command: Command, detail: str, fields: Mapping[Any, Any]) -> Malfor
         source=command.source,
         fields=raw_fields(fields),
     )
+
+
+def stale(stream_entry_id: str, fields: Mapping[Any, Any], age_s: float, ttl_s: float) -> Malformed:
+    """An entry older than MAIL_IDEMPOTENCY_TTL read (again): its reservation may be gone, so it
+    is quarantined rather than turned into a delivery that may already have been sent."""
+    detail = (
+        f"stream entry is {age_s:.0f}s old, older than MAIL_IDEMPOTENCY_TTL ({ttl_s:.0f}s): read again "
+        "(a consumer group re-created on an untrimmed stream?) or consumed too late; not delivered"
+    )
+    return _malformed(stream_entry_id, fields, "stale_command", detail)
