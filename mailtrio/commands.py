@@ -40,6 +40,7 @@ import langcodes
 import orjson
 from email_validator import EmailNotValidError, validate_email
 
+from mailtrio import message
 from mailtrio.message import MAX_LINE_OCTETS, STRUCTURED, UNSAFE_CONTROL_RE, header_name_allowed, structured_value_fits
 
 # -- the contract's limits -------------------------------------------------------------------
@@ -51,7 +52,7 @@ MAX_RECIPIENTS: Final = 100
 MAX_DEPTH: Final = 32
 # Header-bound text, in characters: the builder folds each within 998-octet lines (RFC 2047
 # encoded words where needed); the rendered subject of a template is held to the same bound.
-MAX_SUBJECT: Final = 998
+MAX_SUBJECT: Final = message.MAX_SUBJECT
 MAX_NAME: Final = 256
 MAX_HEADER_VALUE: Final = 2048
 MAX_HEADERS: Final = 50

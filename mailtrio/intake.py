@@ -39,6 +39,7 @@ to it. Rejection and duplicate log lines are written inside the entry's span (or
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -77,6 +78,10 @@ BACKOFF_MAX = 5.0
 PAUSE_GC = True
 # Batches up to this size commit in libpq pipeline mode (see Database.transaction).
 PIPELINE_MAX_BATCH = 64
+# An entry whose payload is larger than this is validated in a worker thread (parsing and
+# checking 512 KiB takes milliseconds); smaller ones inline, yielding every CHECKPOINT_EVERY.
+OFF_LOOP_BYTES = 64 * 1024
+CHECKPOINT_EVERY = 64
 # Trim the stream this often at most (half the idempotency TTL when that is shorter).
 TRIM_INTERVAL = 60.0
 # Backoff of an entry that failed alone (poison): first, doubling, capped.
@@ -342,8 +347,9 @@ class Consumer:
         return await self._finish(await self._prepare(entries, origin))
 
     async def _prepare(self, entries: Sequence[Entry], origin: str, *, checkpoints: bool = False) -> _Batch:
-        """Validate a batch (pure CPU work). With `checkpoints`, yield now and then so that a
-        commit running beside it keeps its round trips going."""
+        """Validate a batch (pure CPU work): yield every CHECKPOINT_EVERY entries so that nothing
+        else waits long (a commit running beside it keeps its round trips going), and validate
+        large entries in a worker thread. `checkpoints` is kept for callers; it is always on."""
         batch = _Batch(origin=origin, entries=entries)
         if not entries:
             return batch
@@ -374,12 +380,13 @@ class Consumer:
             has_template = self.catalog.has_template
             size = 0
             for i, (entry_id, fields) in enumerate(entries):
-                if checkpoints and i % 64 == 63:
+                if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
                     await trio.lowlevel.checkpoint()
                 if fields is None:
                     batch.vanished.append(entry_id)
                     continue
-                size += len(fields.get(b"payload") or b"") + 256
+                payload_size = len(fields.get(b"payload") or b"")
+                size += payload_size + 256
                 tp = fields.get(b"traceparent")
                 if tp is not None:
                     self._entry_span(batch, entry_id, tp, link)
@@ -387,6 +394,10 @@ class Consumer:
                 if born is not None and now_ms - born > ttl_ms:
                     outcome: Outcome = commands.stale(
                         entry_id, fields, (now_ms - born) / 1000.0, self.settings.idempotency_ttl
+                    )
+                elif payload_size > OFF_LOOP_BYTES:
+                    outcome = await trio.to_thread.run_sync(
+                        functools.partial(commands.validate, entry_id, fields, now=now, has_template=has_template)
                     )
                 else:
                     outcome = commands.validate(entry_id, fields, now=now, has_template=has_template)

@@ -52,6 +52,9 @@ STRUCTURED: Final = frozenset(ALLOWED_NAMED)
 UNSAFE_CONTROL_RE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # RFC 5322 §2.1.1: at most 998 octets a line, CRLF excluded.
 MAX_LINE_OCTETS: Final = 998
+# A subject (rendered-mode payload or rendered template), in characters: the builder folds it
+# within 998-octet lines as encoded words; intake and the catalog hold subjects to it.
+MAX_SUBJECT: Final = 998
 
 
 def header_name_allowed(name: str) -> bool:
