@@ -51,7 +51,7 @@ def assert_display_name(data: bytes, header: str, name: str) -> None:
     got = " ".join(msg[header].addresses[0].display_name.split())
     want = " ".join(name.split())
     if got != want:
-        assert got.replace(" ", "") == want.replace(" ", "")
+        assert "".join(got.split()) == "".join(want.split())
         decoded = str(make_header(decode_header(raw_header(data, header))))
         assert want in " ".join(decoded.split())
 

@@ -300,9 +300,9 @@ def test_a_subject_or_body_beyond_its_bound_fails_as_too_large(tmp_path: Path) -
     catalog = Catalog.load(tmp_path, "en")
     ok = catalog.render("big", "en", {"s": "s" * MAX_SUBJECT, "n": 1, "chunk": "x" * MAX_BODY_OCTETS})
     assert len(ok.subject) == MAX_SUBJECT
-    with pytest.raises(TooLarge, match="^too large: the subject"):
+    with pytest.raises(TooLarge, match=r"^too large: the subject"):
         catalog.render("big", "en", {"s": "s" * (MAX_SUBJECT + 1), "n": 1, "chunk": "x"})
-    with pytest.raises(TooLarge, match="^too large: the text body"):
+    with pytest.raises(TooLarge, match=r"^too large: the text body"):
         catalog.render("big", "en", {"s": "s", "n": 1, "chunk": "é" * (MAX_BODY_OCTETS // 2 + 1)})
     # a runaway loop stops at the bound (the sandbox caps range() at 100,000 items)
     with pytest.raises(TooLarge):
