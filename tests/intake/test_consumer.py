@@ -493,6 +493,8 @@ async def test_consumer_recovers_from_killed_redis_and_postgres_connections(
             )
             xadd(entry(delivery_id=f"k-pg{_}"))
             await wait_for(5 + _)
+        # the last batch is committed; its XACK follows the commit
+        await eventually(lambda: pending_count(redis_client, stream_key) == 0, what="the last batch acknowledged")
         nursery.cancel_scope.cancel()
     assert tables.count("deliveries") == 6
     assert pending_count(redis_client, stream_key) == 0
