@@ -40,7 +40,7 @@ LOCALE_RE = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-(?:[A-Z]{2}|[0-9]{3}))?$"
 # within 998-octet lines (the same bound intake applies to a rendered-mode subject), and each body
 # part, in octets of UTF-8.
 MAX_SUBJECT: Final = message.MAX_SUBJECT
-MAX_BODY_OCTETS: Final = 2 * 1024 * 1024
+MAX_BODY_OCTETS: Final = 1024 * 1024
 # Variables whose JSON text is larger than this are rendered off the event loop by callers that
 # can (`render_off_loop`); smaller ones render inline in well under a millisecond.
 OFF_LOOP_BYTES: Final = 64 * 1024
