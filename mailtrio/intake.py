@@ -292,7 +292,12 @@ class Consumer:
         if now < self._next_trim:
             return
         self._next_trim = now + self.trim_interval
-        deleted, minid = await self.stream.trim(self.settings.idempotency_ttl)
+        try:
+            deleted, minid = await self.stream.trim(self.settings.idempotency_ttl)
+        except Exception as exc:  # trimming is maintenance: it never stops intake
+            _log.warning("command stream trim failed; tried again later", error=_describe(exc),
+                         retry_in_s=self.trim_interval)
+            return
         if deleted:
             _log.info("command stream trimmed", deleted=deleted, minid=minid, stream=self.stream.name)
 
