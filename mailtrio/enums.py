@@ -62,6 +62,7 @@ class FailureCode(StrEnum):
     UNSAFE_HEADER = "unsafe_header"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    STALE_COMMAND = "stale_command"
 
 
 DELIVERY_STATUSES: tuple[str, ...] = tuple(m.value for m in DeliveryStatus)
