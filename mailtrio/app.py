@@ -143,9 +143,12 @@ async def _serve(
 
         try:
             binds = await root.start(run_http)
-        except OSError as exc:
+        except (OSError, BaseExceptionGroup) as exc:
+            bind_error = _os_error(exc)
+            if bind_error is None:
+                raise
             raise StartupError(f"internal http listener: cannot listen on {settings.http_host}:"
-                               f"{settings.http_port}: {exc.strerror or exc}") from exc
+                               f"{settings.http_port}: {bind_error.strerror or bind_error}") from exc
         _log.info("internal http listener started", binds=binds)
 
         # The attempt worker pool lives longest: it drains after its feeders stop.
@@ -184,6 +187,13 @@ async def _serve(
             _log.info("service ready", binds=binds)
             task_status.started(binds)
         _log.info("command consumer, scheduler and retention worker stopped")
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside (nested) exception groups, if that is what `exc` is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None
 
 
 async def _close(stop: shutdown.Shutdown, stream: Stream, *dbs: Database, within: float) -> None:

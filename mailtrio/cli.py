@@ -65,15 +65,15 @@ def cmd_serve(_: argparse.Namespace) -> int:
     except BaseException as exc:
         logger.error("runtime failure", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
         code = _fail(EXIT_FAILURE, f"runtime failure: {type(exc).__name__}: {exc}")
-    flushed = _flush_telemetry(tel, logger, shutdown.current)
+    _flush_telemetry(tel, logger, shutdown.current)
     if code == EXIT_OK:
         logger.info("shutdown complete", hurried=shutdown.current.hurried)
-    if not flushed:
-        # The exporters' threads may still be blocked on the collector: do not wait for them at
-        # interpreter exit either.
-        sys.stdout.flush()
-        os._exit(code)
-    return code
+    # Exit now: the interpreter's own finalisation would wait for threads still blocked on a
+    # collector (when the flush did not finish) and restores the default signal handlers, so a
+    # signal arriving then would kill the process without a word.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # An unreachable or stalled collector must not hold the exit (the OTLP exporters retry for up
