@@ -61,7 +61,8 @@ class Shutdown:
         # trio clock and time.monotonic() views of the deadline
         self.deadline = math.inf
         self.deadline_monotonic = math.inf
-        self._scopes: set[trio.CancelScope] = set()
+        # live bounded scopes and the reserve each keeps before the deadline
+        self._scopes: dict[trio.CancelScope, float] = {}
         self._on_hurry: list[Callable[[], None]] = []
 
     # -- requests --------------------------------------------------------------------------------
@@ -73,8 +74,8 @@ class Shutdown:
         elapsed = 0.0 if signalled_at is None else max(0.0, time.monotonic() - signalled_at)
         self.deadline = trio.current_time() + self.timeout - elapsed
         self.deadline_monotonic = time.monotonic() + self.timeout - elapsed
-        for scope in self._scopes:
-            scope.deadline = min(scope.deadline, self.deadline)
+        for scope, reserve in self._scopes.items():
+            scope.deadline = self.cap(scope.deadline, reserve)
         self.requested.set()
 
     def hurry(self) -> None:
@@ -92,10 +93,6 @@ class Shutdown:
         self._on_hurry.append(callback)
 
     # -- budgets ---------------------------------------------------------------------------------
-    def remaining(self, reserve: float = 0.0) -> float:
-        """Seconds left until the deadline minus `reserve` (inf before a request)."""
-        return max(0.0, self.deadline - reserve - trio.current_time())
-
     def cap(self, deadline: float, reserve: float = 0.0) -> float:
         """`deadline` (trio clock), never past the shutdown deadline minus `reserve`."""
         return min(deadline, self.deadline - reserve)
@@ -109,25 +106,12 @@ class Shutdown:
         scope = trio.CancelScope(shield=True, deadline=self.cap(trio.current_time() + budget, reserve))
         if self.hurried:
             scope.cancel()
-        self._scopes.add(scope)
+        self._scopes[scope] = reserve
         try:
             with scope:
                 yield scope
         finally:
-            self._scopes.discard(scope)
-
-    @contextmanager
-    def bounded(self, *, reserve: float = 0.0) -> Iterator[trio.CancelScope]:
-        """A cancel scope (not shielded) that ends at the deadline minus `reserve`."""
-        scope = trio.CancelScope(deadline=self.cap(math.inf, reserve))
-        if self.hurried:
-            scope.cancel()
-        self._scopes.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._scopes.discard(scope)
+            self._scopes.pop(scope, None)
 
     def flush_budget(self, most: float) -> float:
         """Seconds (wall clock) the telemetry flush may take: `most`, and never past the deadline
