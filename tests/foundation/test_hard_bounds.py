@@ -237,6 +237,32 @@ def test_a_postgres_outage_heals_within_5s_whatever_its_length(
     assert max(counts.values()) <= seconds / 2 + 8, counts  # about one line per retry, no flood
 
 
+def test_a_redis_outage_heals_within_5s(
+    service_env: dict[str, str], redis_proxy: FaultProxy, redis_client: redis.Redis, stream_key: str,
+) -> None:
+    """Commands written to the stream while the service cannot reach Redis (refused, then
+    blackholed) are accepted and sent within 5 s of Redis's return."""
+    env = behind(service_env, rds=redis_proxy)
+    dsn = service_env["MAIL_POSTGRES_PRIMARY_DSN"]
+    healed: list[float] = []
+    with ServeProcess(env) as proc:
+        proc.wait_ready()
+        h.xadd(redis_client, stream_key, [h.entry("warm")])
+        h.wait_status(dsn, ["warm"], timeout=20)
+        for round_, mode in enumerate((REFUSE, BLACKHOLE)):
+            with redis_proxy.fault(mode):
+                ids = [f"during-{round_}-{i}" for i in range(3)]
+                h.xadd(redis_client, stream_key, [h.entry(did) for did in ids])  # the test's own client
+                time.sleep(12.0)
+            returned = time.monotonic()
+            h.wait_status(dsn, ids, timeout=60)
+            healed.append(time.monotonic() - returned)
+        assert proc.stop() == 0
+        assert_json_only(proc)
+    print(f"redis outages of 12 s (refused, blackholed): intake back after {healed[0]:.2f}s, {healed[1]:.2f}s")
+    assert max(healed) < 5.0, healed
+
+
 # -- operators cannot starve delivery -------------------------------------------------------------
 
 
