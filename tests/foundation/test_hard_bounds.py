@@ -99,10 +99,10 @@ def test_sigterm_with_a_sick_server_exits_within_the_bound_and_sends_each_once(
         env.update(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://{tcp_sink.addr}", OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
     dsn = service_env["MAIL_POSTGRES_PRIMARY_DSN"]
     ids = h.insert(dsn, [h.delivery(f"d-{i}", to=[f"stall{i}@example.com"]) for i in range(4)]
-                   + [h.delivery(f"w-{i}", to=[f"stall-w{i}@example.com"]) for i in range(4)])
+                   + [h.delivery(f"w-{i}", to=[f"user{i}@example.com"]) for i in range(4)])
     with ServeProcess(env) as proc:
         proc.wait_ready()
-        wait_until(lambda: sending(dsn) == 4, 20, "four attempts in flight")
+        wait_until(lambda: sending(dsn) == 4 and server.connections() >= 4, 20, "four attempts in flight")
         time.sleep(1.0)  # the four are inside the SMTP server's stall
         if sick == "postgres":
             pg_proxy.blackhole()
@@ -114,6 +114,7 @@ def test_sigterm_with_a_sick_server_exits_within_the_bound_and_sends_each_once(
         code = proc.wait(30)
         took = time.monotonic() - started
         events = proc.events()
+    print(f"SIGTERM with the {sick} sick, MAIL_SHUTDOWN_TIMEOUT={TIMEOUT:g}s: exit {code} after {took:.2f}s")
     assert code == 0, (proc.stderr, proc.raw[-15:])
     assert took < TIMEOUT + 1.0, (took, proc.raw[-15:])
     assert events[-1] == "shutdown complete"
@@ -141,16 +142,18 @@ def test_a_second_signal_stops_at_once(
     h.insert(dsn, [h.delivery(f"d-{i}", to=[f"stall{i}@example.com"]) for i in range(2)])
     with ServeProcess(env) as proc:
         proc.wait_ready()
-        wait_until(lambda: sending(dsn) == 2, 20, "two attempts in flight")
+        wait_until(lambda: sending(dsn) == 2 and server.connections() >= 2, 20, "two attempts in flight")
+        time.sleep(1.0)  # both are inside the SMTP server's stall
         proc.signal(signal.SIGTERM)
         proc.wait_for("shutdown started")
         time.sleep(0.5)
-        assert proc.proc.poll() is None  # draining: the attempts may run for 30 s
+        assert proc.proc.poll() is None, proc.raw[-10:]  # draining: the attempts may run for 30 s
         started = time.monotonic()
         proc.signal(signal.SIGTERM)
         code = proc.wait(30)
         took = time.monotonic() - started
         events = proc.events()
+    print(f"second SIGTERM: exit {code} after {took:.2f}s")
     assert took < 1.0, took
     assert code == 0, proc.stderr
     assert "second signal received; stopping at once" in events
