@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -21,7 +22,8 @@ def hypercorn_config(settings: Settings) -> Config:
     # (the service's cancel scope enforces the same bound).
     config.graceful_timeout = max(0.1, settings.shutdown_timeout - shutdown.drain_reserve(settings.shutdown_timeout))
     config.accesslog = None
-    config.errorlog = None
+    # hypercorn's own errors go through the standard library's logging: JSON lines on stdout
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75
     config.include_server_header = False
     return config
