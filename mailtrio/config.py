@@ -132,6 +132,7 @@ class Settings:
     retention_interval: float
     log_format: str
     log_level: str
+    console_session_ttl: float = 12 * 3600.0
 
     @property
     def lease_seconds(self) -> float:
@@ -171,6 +172,8 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
     "MAIL_SMTP_TIMEOUT": (False, "30s", "bound on one SMTP transaction; lease = this + 15s"),
     "MAIL_INTERNAL_HTTP_ADDR": (False, "127.0.0.1:8080", "internal HTTP listener"),
     "MAIL_INTERNAL_HTTP_TOKEN": (False, "", "bearer token required on every route when set"),
+    "MAIL_CONSOLE_SESSION_TTL": (False, "12h", "how long a sign-in to the operator console (`/console`) lasts "
+                                 "when MAIL_INTERNAL_HTTP_TOKEN is set"),
     "MAIL_SHUTDOWN_TIMEOUT": (False, "30s", "bound on the whole coordinated shutdown (keep it below "
                               "systemd's TimeoutStopSec)"),
     "MAIL_ATTEMPT_WORKER_CONCURRENCY": (False, "16", "attempt workers (fed through a bounded memory channel)"),
@@ -301,6 +304,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
     http_host, http_port = address("MAIL_INTERNAL_HTTP_ADDR", default("MAIL_INTERNAL_HTTP_ADDR"))
     http_token = env.get("MAIL_INTERNAL_HTTP_TOKEN") or None
     shutdown_timeout = duration("MAIL_SHUTDOWN_TIMEOUT")
+    console_session_ttl = duration("MAIL_CONSOLE_SESSION_TTL")
+    if console_session_ttl < 1:
+        raise ConfigError("MAIL_CONSOLE_SESSION_TTL", "must be at least 1s")
     concurrency = integer("MAIL_ATTEMPT_WORKER_CONCURRENCY", 1, 10_000)
 
     ladder_raw = default("MAIL_RETRY_LADDER")
@@ -356,6 +362,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         retention_interval=retention_interval,
         log_format=log_format,
         log_level=log_level,
+        console_session_ttl=console_session_ttl,
     )
 
 
