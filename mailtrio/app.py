@@ -1,9 +1,12 @@
 """The service: startup in runbook order, one root nursery, bounded coordinated shutdown.
 
 Startup (CONTRACT §3): ping Redis, open the PostgreSQL pools and check schema `mail`, apply the
-embedded migrations under an advisory lock, parse the whole template catalog, then bind the
-internal HTTP listener (a bind failure is a startup failure: nothing has been claimed), and only
-then start the attempt worker pool, the scheduler, the command consumer and the retention worker.
+embedded migrations under an advisory lock, take the instance identity lock (one
+MAIL_INSTANCE_ID, one live process: see mailtrio.identity; kept and watched until the very end,
+and if another live process takes this identity meanwhile the service stops and exits 1), parse
+the whole template catalog, then bind the internal HTTP listener (a bind failure is a startup
+failure: nothing has been claimed), and only then start the attempt worker pool, the scheduler,
+the command consumer and the retention worker.
 
 Shutdown (`mailtrio.shutdown`): the first SIGTERM/SIGINT fixes one deadline. In the same moment
 the listener stops accepting and the consumer, scheduler and retention worker are cancelled (the
@@ -24,6 +27,7 @@ import mailtrio
 from mailtrio import bridge, log, shutdown, telemetry
 from mailtrio.catalog import Catalog, CatalogError
 from mailtrio.config import Settings
+from mailtrio.identity import InstanceIdentity
 from mailtrio.intake import Consumer
 from mailtrio.retention import Retention
 from mailtrio.scheduler import Scheduler
@@ -68,6 +72,7 @@ async def run(
                       application_name=f"mailtrio:{settings.instance_id}")
         api_db = Database(settings.postgres_dsn, api_pool_size(settings.postgres_pool_size),
                           application_name=f"mailtrio:{settings.instance_id}:api", min_size=0, name="mailtrio-api")
+        identity = InstanceIdentity(db, settings.instance_id)
         # The startup steps stop at the budget's deadline, or at once on SIGTERM/SIGINT.
         startup = trio.CancelScope(deadline=trio.current_time() + max(1.0, STARTUP_BUDGET - _elapsed_since_start()))
         step = "redis"
@@ -90,22 +95,32 @@ async def run(
                     step = "migrations"
                     applied = await db.migrate()
                     _log.info("migrations applied", applied=applied)
+                    step = "instance identity"
+                    await identity.acquire()
                     step = "templates"
                     catalog = load_catalog(settings)
                     _log.info("template catalog parsed", templates=sorted(catalog.template_ids))
                 guard.cancel_scope.cancel()
         except BaseException:
+            await identity.release()
             await _close(stop, stream, db, api_db, within=1.0)
             raise
         if startup.cancelled_caught:
+            await identity.release()
             await _close(stop, stream, db, api_db, within=1.0)
             if stop.requested.is_set():
                 _log.info("startup interrupted by a shutdown request", step=step)
                 return
             raise StartupError(f"startup step {step!r} did not finish within {STARTUP_BUDGET:.0f}s")
         try:
-            await _serve(settings, stream, db, api_db, catalog, stop, task_status)
+            async with trio.open_nursery() as keeper:
+                # Kept and watched to the end; IdentityConflict from it stops everything (exit 1).
+                await keeper.start(identity.run)
+                await _serve(settings, stream, db, api_db, catalog, identity, stop, task_status)
+                keeper.cancel_scope.cancel()
         finally:
+            # Released last (after the outcome writes), by the shutdown deadline like the rest.
+            await identity.release()
             await _close(stop, stream, db, api_db, within=5.0)
 
 
@@ -115,6 +130,7 @@ async def _serve(
     db: Database,
     api_db: Database,
     catalog: Catalog,
+    identity: InstanceIdentity,
     stop: shutdown.Shutdown,
     task_status: trio.TaskStatus[Any],
 ) -> None:
@@ -124,8 +140,8 @@ async def _serve(
 
     provider = build_provider(settings)
     send, receive = trio.open_memory_channel[Any](0)
-    pool = WorkerPool(settings, db, catalog, provider, receive)
-    scheduler = Scheduler(settings, db, send, pool)
+    pool = WorkerPool(settings, db, catalog, provider, receive, identity=identity)
+    scheduler = Scheduler(settings, db, send, pool, identity=identity)
     consumer = Consumer(settings, stream, db, catalog)
     retention = Retention(settings, db)
     http_app = create_app(settings, api_db)
