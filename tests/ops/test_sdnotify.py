@@ -52,7 +52,7 @@ def test_ready_and_stopping_reach_notify_socket(service_env: dict[str, str],
         status, _ = proc.http("GET", "/api/v1/internal/schedule")
         assert status == 200
         for started in ("attempt worker pool started", "scheduler started", "command consumer started",
-                        "sql retention worker started", "internal http listener started"):
+                        "sql retention worker started", "internal http listener started", "service ready"):
             proc.wait_for(started, timeout=5)
         assert ready["READY"] == "1"
         assert ready["STATUS"].startswith("ready: API on ") and "stub mode" in ready["STATUS"]
