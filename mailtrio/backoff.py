@@ -1,9 +1,9 @@
 """The one backoff of every retry loop: exponential, capped, with jitter, reset after a success.
 
-Delay n (from 0) is `min(cap, first * 2**n)` scaled by a random factor in `[1 - jitter, 1]`
-("equal jitter" for the default 0.5): instances that lost the same Redis or PostgreSQL at the same
-moment do not come back in lockstep, and a delay is never more than the cap nor less than half of
-its step.
+Step n (from 0) is `min(cap, first * 2**n)`; the delay is the step scaled by a random factor in
+`[1 - jitter/2, 1 + jitter/2]` (within ±25% for the default 0.5): instances that lost the same
+Redis or PostgreSQL at the same moment do not come back in lockstep, while on average they retry
+exactly as often as without jitter (so an outage logs no more retry lines than before).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Backoff:
         self._step = min(self.cap, self._step * 2)
         if not self.jitter:
             return step
-        return step * (1.0 - self.jitter * self._rng.random())
+        return step * (1.0 + self.jitter * (self._rng.random() - 0.5))
 
     def reset(self) -> None:
         """After a success: the next failure waits `first` again."""

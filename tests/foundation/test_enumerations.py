@@ -122,10 +122,10 @@ def test_backoff_grows_with_jitter_within_bounds_and_resets() -> None:
     delays = [backoff.next() for _ in range(8)]
     steps = [0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
     for delay, step in zip(delays, steps, strict=True):
-        assert step / 2 <= delay <= step
+        assert step * 0.75 <= delay <= step * 1.25
     assert len({round(d / s, 6) for d, s in zip(delays, steps, strict=True)}) > 1  # jittered, not fixed
     backoff.reset()
-    assert 0.1 <= backoff.next() <= 0.2
+    assert 0.15 <= backoff.next() <= 0.25
     assert Backoff(1.0, 4.0, jitter=0).next() == 1.0
     with pytest.raises(ValueError):
         Backoff(0, 1)
