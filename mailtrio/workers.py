@@ -25,7 +25,7 @@ If its cancel scope is cancelled (the shutdown deadline), running attempts are r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -445,21 +445,29 @@ class WorkerPool:
                 addressing = job.addressing
                 data = message.build(addressing, job.content, message_id=claim.message_id,
                                      date=datetime.now(UTC))
-                recipients = addressing.envelope_recipients()
+                recipients = envelope_recipients(addressing)
+                prior = retry.outcomes_by_email(claim.recipient_outcomes)
+                # A retry goes only to the recipients not yet accepted nor refused for good.
+                targets = retry.pending_recipients(list(recipients), prior)
+                wire = [recipients[e] for e in targets]
                 envelope = Envelope(
                     sender=addressing.envelope_sender(),
-                    recipients=recipients,
+                    recipients=wire,
                     source=claim.source,
                     delivery_id=claim.delivery_id,
                     message_id=claim.message_id,
-                    smtputf8=addressing.needs_smtputf8(recipients),
+                    smtputf8=addressing.needs_smtputf8(list(recipients.values())),
                 )
-                report = await self._send(session, envelope, data)
+                if wire:
+                    report = await self._send(session, envelope, data)
+                else:
+                    report = SendReport(AttemptStatus.PROVIDER_ACCEPTED,
+                                        "every recipient was accepted earlier; nothing sent", Phase.STUB)
             except trio.Cancelled:
                 self.recorder.shorten(CLEANUP_SECONDS)
                 await self._cancelled(session, job)
                 raise
-            await self._record(job, report)
+            await self._record(job, report, list(recipients), targets, prior)
 
     async def _send(self, session: Session, envelope: Envelope, data: bytes) -> SendReport:
         timeout = self.settings.smtp_timeout
@@ -487,22 +495,33 @@ class WorkerPool:
         finally:
             span.end()
 
-    async def _record(self, job: Job, report: SendReport) -> None:
+    async def _record(
+        self,
+        job: Job,
+        report: SendReport,
+        recipients: Sequence[str],
+        targets: Sequence[str],
+        prior: Mapping[str, retry.RecipientOutcome],
+    ) -> None:
         claim = job.claim
-        step = retry.next_step(
-            report.status,
-            suppressed=report.suppressed,
+        attempt_no = claim.attempt_count + 1
+        settled = retry.settle(
+            report,
+            recipients=recipients,
+            targets=targets,
+            prior=prior,
+            attempt_no=attempt_no,
             ladder_step=claim.ladder_step,
             ladder=self.settings.retry_ladder,
         )
-        attempt_no = claim.attempt_count + 1
-        dead_reason = retry.dead_letter_reason(attempt_no, report.summary) if step.dead_letter else None
+        step = settled.step
+        dead_reason = settled.dead_reason
         retry_ms = None if step.retry_delay is None else round(step.retry_delay * 1000)
         finish = store.Finish(
             delivery_id=claim.delivery_id,
             lease_started_at=claim.lease_started_at,
             status=step.delivery_status,
-            status_reason=None if step.delivery_status == "sent" else report.summary,
+            status_reason=settled.status_reason,
             attempt_status=str(report.status),
             elapsed_ms=_elapsed_ms(job),
             provider_summary=report.summary,
@@ -511,6 +530,8 @@ class WorkerPool:
             ladder_step=step.ladder_step,
             dead_reason=dead_reason,
             resolved_locale=job.content.locale,
+            recipient_outcomes=(None if settled.outcomes is None
+                                else [o.as_json() for o in settled.outcomes]),
         )
         job.span.set_attribute("mail.attempt_status", str(report.status))
         job.span.set_attribute("mail.delivery_status", step.delivery_status)
@@ -594,6 +615,19 @@ class WorkerPool:
         if scope.cancelled_caught:
             _log.error("putting a cancelled attempt back timed out; its lease will expire",
                        delivery_id=claim.delivery_id)
+
+
+def envelope_recipients(addressing: message.Addressing) -> dict[str, str]:
+    """To, Cc and Bcc addresses, each once (case-insensitively), in that order: the address as
+    the command gave it (the key of its recipient outcome) to its envelope form."""
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for addr in (*addressing.to, *addressing.cc, *addressing.bcc):
+        key = addr.email.lower()
+        if key not in seen:
+            seen.add(key)
+            out[addr.email] = message.wire_address(addr.email)
+    return out
 
 
 def release(claim: store.Claim, resolved_locale: str | None = None) -> store.Finish:

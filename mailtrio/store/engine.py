@@ -42,6 +42,8 @@ class Claim:
     html_body: str | None
     headers: dict[str, str] | None
     rendered: bool
+    # Per-recipient outcomes of earlier attempts (None until one was stored, see retry.settle).
+    recipient_outcomes: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claim:
@@ -66,6 +68,7 @@ class Claim:
             html_body=row["html_body"],
             headers=row["headers"],
             rendered=row["rendered_at"] is not None,
+            recipient_outcomes=row.get("recipient_outcomes"),
         )
 
 
@@ -115,9 +118,12 @@ class Finish:
     dead_reason: str | None = None
     # the locale of the stored content (None: keep the delivery's)
     resolved_locale: str | None = None
+    # Per-recipient outcomes to store (None: keep what is stored; the common case of one
+    # recipient accepted at once stores nothing).
+    recipient_outcomes: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "delivery_id": self.delivery_id,
             "lease_started_at": self.lease_started_at.isoformat(),
             "status": self.status,
@@ -133,6 +139,9 @@ class Finish:
             "dead_reason": self.dead_reason,
             "resolved_locale": self.resolved_locale,
         }
+        if self.recipient_outcomes is not None:
+            out["recipient_outcomes"] = self.recipient_outcomes
+        return out
 
 
 def _no_nul(value: Any) -> Any:

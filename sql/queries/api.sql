@@ -49,13 +49,18 @@ SELECT status FROM mail.deliveries WHERE delivery_id = %(delivery_id)s;
 
 -- name: delivery_retry
 -- Back on the schedule with a fresh ladder, in one conditional statement: only a failed or
--- dead-lettered delivery matches, and its dead-letter entry goes in the same statement.
+-- dead-lettered delivery matches, and its dead-letter entry goes in the same statement. Recipients
+-- already accepted keep their outcome (they are never sent the message again); the others are
+-- tried again.
 WITH retried AS (
     UPDATE mail.deliveries d
     SET status = CASE WHEN EXISTS (SELECT 1 FROM mail.payloads p
                                    WHERE p.delivery_id = d.delivery_id AND p.rendered_at IS NOT NULL)
                       THEN 'rendered' ELSE 'queued' END,
         status_reason = NULL,
+        recipient_outcomes = (SELECT jsonb_agg(o ORDER BY n)
+                              FROM jsonb_array_elements(d.recipient_outcomes) WITH ORDINALITY AS e(o, n)
+                              WHERE o->>'status' = 'accepted'),
         ladder_step = 0,
         next_attempt_at = now(),
         schedule_entered_at = now(),
