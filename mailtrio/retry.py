@@ -20,6 +20,7 @@ deferred.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -251,9 +252,8 @@ def settle(
 ) -> Settlement:
     """The delivery's next state once an attempt to `targets` (the pending part of `recipients`,
     the whole envelope in command order) ended with `report`."""
-    if not prior and len(recipients) == 1 and report.status == AttemptStatus.PROVIDER_ACCEPTED:
-        return Settlement(next_step(report.status, suppressed=False, ladder_step=ladder_step, ladder=ladder),
-                          None, None, None)
+    if not prior and len(recipients) == 1 and report.status is AttemptStatus.PROVIDER_ACCEPTED:
+        return _sent_at_once(ladder_step)
     merged = dict(prior)
     for outcome in attempt_results(report, targets, attempt_no):
         merged[outcome.email.lower()] = outcome
@@ -277,6 +277,13 @@ def settle(
     suppressed = all(o.status == RCPT_SUPPRESSED for o in outcomes)
     step = Step("suppressed" if suppressed else "failed", None, ladder_step)
     return Settlement(step, recipients_reason(outcomes), None, outcomes)
+
+
+@functools.lru_cache(maxsize=64)
+def _sent_at_once(ladder_step: int) -> Settlement:
+    """The common case (one recipient, accepted): nothing to store. Settlements are immutable,
+    so one per ladder step is shared (this runs for nearly every delivery)."""
+    return Settlement(Step("sent", None, ladder_step), None, None, None)
 
 
 def recipients_reason(outcomes: Sequence[RecipientOutcome]) -> str:
