@@ -232,7 +232,7 @@ def attempt_results(report: SendReport, targets: Sequence[str], attempt_no: int)
 @dataclass(frozen=True)
 class Settlement:
     """The delivery's next step after an attempt, with its reasons and the per-recipient outcomes
-    to store (None: nothing to store, the common case of one recipient accepted at once)."""
+    to store (None: nothing to store, as for every delivery with one recipient)."""
 
     step: Step
     status_reason: str | None
@@ -252,8 +252,13 @@ def settle(
 ) -> Settlement:
     """The delivery's next state once an attempt to `targets` (the pending part of `recipients`,
     the whole envelope in command order) ended with `report`."""
-    if not prior and len(recipients) == 1 and report.status is AttemptStatus.PROVIDER_ACCEPTED:
-        return _sent_at_once(ladder_step)
+    if not prior and len(recipients) == 1:
+        # One recipient: the delivery's own status and reason say it all, nothing is stored.
+        if report.status is AttemptStatus.PROVIDER_ACCEPTED:
+            return _sent_at_once(ladder_step)
+        step = next_step(report.status, suppressed=report.suppressed, ladder_step=ladder_step, ladder=ladder)
+        dead = dead_letter_reason(attempt_no, report.summary) if step.dead_letter else None
+        return Settlement(step, report.summary, dead, None)
     merged = dict(prior)
     for outcome in attempt_results(report, targets, attempt_no):
         merged[outcome.email.lower()] = outcome

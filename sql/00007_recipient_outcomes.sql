@@ -1,7 +1,7 @@
 -- +goose Up
 -- Each envelope recipient's own outcome (email, status, last reply, attempt), written by the
--- attempt's outcome statement when the delivery has more than one recipient or one was not
--- accepted; NULL otherwise (one recipient, accepted at once: the delivery's status says it all).
+-- attempt's outcome statement when the delivery has more than one recipient; NULL otherwise (one
+-- recipient: the delivery's status and status_reason say it all).
 -- A retry goes only to the recipients still deferred here; the delivery is final when all are.
 ALTER TABLE mail.deliveries ADD COLUMN recipient_outcomes jsonb
     CONSTRAINT deliveries_recipient_outcomes_array

@@ -40,7 +40,7 @@ def _recipients_json(value: dict[str, Any] | None) -> dict[str, list[Any]]:
 
 
 # A delivery's status as the outcome of each of its recipients, when none was stored (one
-# recipient, accepted at once, or not tried yet).
+# recipient, or not tried yet).
 _RECIPIENT_STATUS_OF = {"sent": "accepted", "suppressed": "suppressed", "failed": "rejected",
                         "dead_letter": "dead_letter"}
 
@@ -59,8 +59,8 @@ def recipient_outcomes_json(row: dict[str, Any]) -> list[dict[str, Any]]:
     status = _RECIPIENT_STATUS_OF.get(row["status"], "pending")
     if status == "pending" and row["status"] in ("queued", "rendered") and row["attempt_count"]:
         status = "deferred"
-    final = status != "pending" and row["status"] != "cancelled"
-    reply = row["status_reason"] if final and status != "accepted" else None
+    tried = status != "pending"
+    reply = row["status_reason"] if tried and status != "accepted" else None
     recipients = row["recipients"] or {}
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -71,7 +71,7 @@ def recipient_outcomes_json(row: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             seen.add(email.lower())
             out.append({"email": email, "status": status, "reply": reply,
-                        "attempt_no": row["attempt_count"] if final and row["attempt_count"] else None})
+                        "attempt_no": row["attempt_count"] if tried and row["attempt_count"] else None})
     return out
 
 

@@ -118,8 +118,8 @@ class Finish:
     dead_reason: str | None = None
     # the locale of the stored content (None: keep the delivery's)
     resolved_locale: str | None = None
-    # Per-recipient outcomes to store (None: keep what is stored; the common case of one
-    # recipient accepted at once stores nothing).
+    # Per-recipient outcomes to store (None: keep what is stored; a delivery with one recipient
+    # stores nothing).
     recipient_outcomes: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict[str, Any]:

@@ -91,8 +91,8 @@ RETURNING p.delivery_id;
 -- back on the schedule that many milliseconds from now (`reenter`: it re-enters the schedule now,
 -- for the age metric; `keep_reason`: a released claim keeps its status_reason; `resolved_locale`:
 -- the locale the stored content was rendered in; `recipient_outcomes`: every envelope recipient's
--- outcome, given only when there is more than one recipient or one was not accepted, otherwise the
--- stored value stays). Returns the ids whose fence held (the lease columns, see store_content).
+-- outcome, given only when there is more than one recipient, otherwise the stored value stays).
+-- Returns the ids whose fence held (the lease columns, see store_content).
 WITH i AS (
     SELECT *
     FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(

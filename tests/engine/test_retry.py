@@ -200,17 +200,29 @@ def test_a_transport_failure_defers_every_pending_recipient_with_the_same_reason
     assert s.outcomes is not None and {o.status for o in s.outcomes} == {"deferred"}
 
 
-def test_one_recipient_failures_keep_the_reply_as_reason() -> None:
+def test_one_recipient_failures_keep_the_reply_as_reason_and_store_nothing() -> None:
     s = _settle(_report(A.PROVIDER_DEFERRED, "451 later", ("a@x.example", 451, "later")), ["a@x.example"],
                 ladder_step=len(LADDER), attempt_no=3)
     assert s.step.delivery_status == "dead_letter" and s.status_reason == "451 later"
-    assert s.dead_reason == "retry ladder exhausted after 3 attempts: 451 later"
+    assert s.dead_reason == "retry ladder exhausted after 3 attempts: 451 later" and s.outcomes is None
+    s = _settle(_report(A.PROVIDER_REJECTED, "550 suppressed", ("a@x.example", 550, "suppressed"),
+                        suppressed=True), ["a@x.example"])
+    assert s.step.delivery_status == "suppressed" and s.status_reason == "550 suppressed" and s.outcomes is None
+
+
+@given(st.sampled_from(list(A)).filter(lambda a: a != A.INTERRUPTED), st.booleans(), st.integers(0, 3))
+def test_one_recipient_settles_as_the_ladder_step_always_did(status: AttemptStatus, suppressed: bool,
+                                                            step: int) -> None:
+    suppressed = suppressed and status == A.PROVIDER_REJECTED
+    s = _settle(_report(status, "summary", suppressed=suppressed), ["a@x.example"], ladder_step=step)
+    assert s.step == retry.next_step(status, suppressed=suppressed, ladder_step=step, ladder=LADDER)
+    assert s.status_reason == (None if status == A.PROVIDER_ACCEPTED else "summary")
 
 
 _rcpt_code = st.sampled_from([250, 251, 450, 451, 452, 550, 552, 553])
 
 
-@given(st.lists(st.tuples(_rcpt_code, _rcpt_code, st.booleans()), min_size=1, max_size=6))
+@given(st.lists(st.tuples(_rcpt_code, _rcpt_code, st.booleans()), min_size=2, max_size=6))
 def test_no_accepted_recipient_is_ever_a_target_again(plan: list[tuple[int, int, bool]]) -> None:
     """Over two attempts with any replies: a recipient accepted in the first is not sent the
     message in the second, and the delivery is final only when every recipient is."""
