@@ -135,6 +135,7 @@ class Settings:
     # What EHLO says; None: the host's fully qualified name, else the domain of MAIL_SMTP_FROM
     # (worked out by the SMTP provider: the name lookup is network I/O, never done here).
     smtp_helo_name: str | None = None
+    console_session_ttl: float = 12 * 3600.0
 
     @property
     def lease_seconds(self) -> float:
@@ -177,6 +178,8 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
                             "the domain of MAIL_SMTP_FROM)"),
     "MAIL_INTERNAL_HTTP_ADDR": (False, "127.0.0.1:8080", "internal HTTP listener"),
     "MAIL_INTERNAL_HTTP_TOKEN": (False, "", "bearer token required on every route when set"),
+    "MAIL_CONSOLE_SESSION_TTL": (False, "12h", "how long a sign-in to the operator console (`/console`) lasts "
+                                 "when MAIL_INTERNAL_HTTP_TOKEN is set"),
     "MAIL_SHUTDOWN_TIMEOUT": (False, "30s", "bound on the whole coordinated shutdown (keep it below "
                               "systemd's TimeoutStopSec)"),
     "MAIL_ATTEMPT_WORKER_CONCURRENCY": (False, "16", "attempt workers (fed through a bounded memory channel)"),
@@ -311,6 +314,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
     http_host, http_port = address("MAIL_INTERNAL_HTTP_ADDR", default("MAIL_INTERNAL_HTTP_ADDR"))
     http_token = env.get("MAIL_INTERNAL_HTTP_TOKEN") or None
     shutdown_timeout = duration("MAIL_SHUTDOWN_TIMEOUT")
+    console_session_ttl = duration("MAIL_CONSOLE_SESSION_TTL")
+    if console_session_ttl < 1:
+        raise ConfigError("MAIL_CONSOLE_SESSION_TTL", "must be at least 1s")
     concurrency = integer("MAIL_ATTEMPT_WORKER_CONCURRENCY", 1, 10_000)
 
     ladder_raw = default("MAIL_RETRY_LADDER")
@@ -367,6 +373,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         log_format=log_format,
         log_level=log_level,
         smtp_helo_name=helo_name,
+        console_session_ttl=console_session_ttl,
     )
 
 
