@@ -57,7 +57,7 @@ def recipient_outcomes_json(row: dict[str, Any]) -> list[dict[str, Any]]:
             for o in stored
         ]
     status = _RECIPIENT_STATUS_OF.get(row["status"], "pending")
-    if status == "pending" and row["status"] in ("queued", "rendered") and row["attempt_count"]:
+    if status == "pending" and row["status"] in ("queued", "rendered", "sending") and row["attempt_count"]:
         status = "deferred"
     tried = status != "pending"
     reply = row["status_reason"] if tried and status != "accepted" else None
