@@ -51,7 +51,8 @@ SELECT status FROM mail.deliveries WHERE delivery_id = %(delivery_id)s;
 -- Back on the schedule with a fresh ladder, in one conditional statement: only a failed or
 -- dead-lettered delivery matches, and its dead-letter entry goes in the same statement. Recipients
 -- already accepted keep their outcome (they are never sent the message again); the others are
--- tried again.
+-- tried again. The count of consecutive interrupted attempts starts again too
+-- (MAIL_MAX_INTERRUPTED).
 WITH retried AS (
     UPDATE mail.deliveries d
     SET status = CASE WHEN EXISTS (SELECT 1 FROM mail.payloads p
@@ -62,6 +63,7 @@ WITH retried AS (
                               FROM jsonb_array_elements(d.recipient_outcomes) WITH ORDINALITY AS e(o, n)
                               WHERE o->>'status' = 'accepted'),
         ladder_step = 0,
+        interrupted_streak = 0,
         next_attempt_at = now(),
         schedule_entered_at = now(),
         updated_at = now()

@@ -69,8 +69,7 @@ LONG_SUBJECT = "é" * 600
 LONG_NAME = "Ñame " + "Ü" * 700
 MIX50 = [f"r{i:02d}@example.com" for i in range(50)]
 SMTPUTF8_BUILD = ("needs the message builder's RFC 6532 headers: message.build raises UnicodeEncodeError for "
-                  "a non-ASCII local part before anything is sent, and the service process dies of it until "
-                  "the engine contains such crashes")
+                  "a non-ASCII local part, so the delivery ends build_failed before anything is sent")
 
 
 @dataclass
