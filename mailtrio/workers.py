@@ -42,6 +42,7 @@ the MAIL_MAX_INTERRUPTED-th interrupted attempt in a row dead-letters the delive
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from mailtrio import log, message, retry, telemetry
+from mailtrio import log, message, retry, shutdown, telemetry
 from mailtrio.catalog import Catalog, RenderError
 from mailtrio.config import Settings, format_duration
 from mailtrio.providers.base import AttemptStatus, Envelope, Phase, Provider, SendReport, Session
@@ -289,14 +290,13 @@ class Recorder:
         finally:
             # Cancelled at the shutdown deadline: write what is queued, shielded and bounded.
             if self._pending.items:
-                with trio.move_on_after(CLEANUP_SECONDS) as scope:
-                    scope.shield = True
+                with shutdown.shielded(CLEANUP_SECONDS):
                     batch, self._pending = self._pending, _Batch()
                     await self._flush(batch, retry_transient=False)
 
     async def _write(self, items: list[store.Finish]) -> set[str]:
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + WRITE_TIMEOUT
+        # Shielded within WRITE_TIMEOUT, and never past the shutdown deadline's clean-up reserve.
+        with shutdown.shielded(WRITE_TIMEOUT) as scope:
             self._inflight = scope
             try:
                 return await self.write_now(items, final=False)
@@ -634,8 +634,7 @@ class WorkerPool:
             return None
         try:
             addressing = job.addressing
-            data = message.build(addressing, job.content, message_id=claim.message_id,
-                                 date=datetime.now(UTC))
+            data = await build_message(addressing, job.content, claim.message_id)
             recipients = envelope_recipients(addressing)
             # A retry goes only to the recipients not yet accepted nor refused for good.
             targets = retry.pending_recipients(list(recipients), retry.outcomes_by_email(claim.recipient_outcomes))
@@ -833,8 +832,7 @@ class WorkerPool:
         except trio.Cancelled:
             # Cancelled while the recorder was backlogged: the server has answered, so write this
             # outcome now rather than leave it to lease expiry (which would resend the message).
-            with trio.move_on_after(CLEANUP_SECONDS) as scope:
-                scope.shield = True
+            with shutdown.shielded(CLEANUP_SECONDS):
                 try:
                     after(claim.delivery_id in await self.recorder.write_now([finish]))
                 except Exception as exc:
@@ -846,8 +844,7 @@ class WorkerPool:
         """The attempt was cancelled (shutdown deadline): record it and put the delivery back,
         or dead-letter it when this is its MAIL_MAX_INTERRUPTED-th interrupted attempt in a row."""
         claim = job.claim
-        with trio.move_on_after(CLEANUP_SECONDS) as scope:
-            scope.shield = True
+        with shutdown.shielded(CLEANUP_SECONDS) as scope:
             await session.abort()
             finish = interrupted_finish(claim, self.settings.max_interrupted, elapsed_ms=_elapsed_ms(job),
                                         resolved_locale=job.content.locale)
@@ -877,10 +874,11 @@ def envelope_recipients(addressing: message.Addressing) -> dict[str, str]:
     out: dict[str, str] = {}
     seen: set[str] = set()
     for addr in (*addressing.to, *addressing.cc, *addressing.bcc):
-        key = addr.email.lower()
+        wire = message.wire_address(addr.email)
+        key = wire.lower()  # as Addressing.envelope_recipients: one RCPT per envelope address
         if key not in seen:
             seen.add(key)
-            out[addr.email] = message.wire_address(addr.email)
+            out[addr.email] = wire
     return out
 
 
@@ -894,12 +892,24 @@ def claim_recipients(claim: store.Claim) -> list[str]:
         for value in values if isinstance(values, list) else ():
             try:
                 email = message.Address.from_value(value).email
-            except message.ContentError:
+                key = message.wire_address(email).lower()
+            except (message.ContentError, ValueError):
                 continue
-            if email and email.lower() not in seen:
-                seen.add(email.lower())
+            if email and key not in seen:
+                seen.add(key)
                 out.append(email)
     return out
+
+
+async def build_message(addressing: message.Addressing, content: message.Content, message_id: str) -> bytes:
+    """`message.build`, in a worker thread when the content is large (encoding megabytes takes
+    tens of milliseconds, which the event loop must not wait for); inline otherwise."""
+    date = datetime.now(UTC)
+    if message.content_octets(content) <= message.OFF_LOOP_OCTETS:
+        return message.build(addressing, content, message_id=message_id, date=date)
+    return await trio.to_thread.run_sync(
+        functools.partial(message.build, addressing, content, message_id=message_id, date=date)
+    )
 
 
 def repeatedly_interrupted(count: int) -> str:
