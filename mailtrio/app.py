@@ -24,6 +24,7 @@ import mailtrio
 from mailtrio import bridge, log, telemetry
 from mailtrio.catalog import Catalog, CatalogError
 from mailtrio.config import Settings
+from mailtrio.events import Publisher
 from mailtrio.intake import Consumer
 from mailtrio.retention import Retention
 from mailtrio.scheduler import Scheduler
@@ -117,6 +118,7 @@ async def _serve(
     scheduler = Scheduler(settings, db, send, pool)
     consumer = Consumer(settings, stream, db, catalog)
     retention = Retention(settings, db)
+    publisher = Publisher(settings, db)
     http_app = create_app(settings, db)
     http_stop = trio.Event()
     shutdown_deadline = math.inf
@@ -126,9 +128,16 @@ async def _serve(
         pool_scope = trio.CancelScope()
 
         async def run_pool(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with pool_scope:
-                await pool.run(task_status=task_status)
+            try:
+                with pool_scope:
+                    await pool.run(task_status=task_status)
+            finally:
+                # The workers' last outcomes are in the outbox: the event publisher gets a short
+                # share of what is left of the shutdown bound to publish them, then stops.
+                publisher.stop(within=min(2.0, shutdown_deadline - trio.current_time() - 1.0))
 
+        # The event publisher outlives the workers, so their last outcomes are published too.
+        await root.start(publisher.run)
         await root.start(run_pool)
         async with trio.open_nursery() as feeders:
             await feeders.start(scheduler.run)
