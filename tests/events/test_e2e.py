@@ -15,6 +15,7 @@ import redis
 from tests.engine import helpers as h
 from tests.engine.conftest import smtp_env
 from tests.events import helpers as ev
+from tests.events.schema import assert_documented
 from tests.support.serve import ROOT, ServeProcess
 from tests.support.smtpserver import SmtpTestServer
 
@@ -79,6 +80,7 @@ def test_every_event_type_in_order(
         }
         by = ev.by_delivery(kept)
         for e in kept:
+            assert_documented(e)
             assert set(e) >= {"id", "event_id", "event", "occurred_at"}
             assert e["occurred_at"].endswith("Z") and len(e["occurred_at"]) == 24
         sent = by["e-sent"]
