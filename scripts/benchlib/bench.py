@@ -6,7 +6,11 @@ the service) and a fresh stream key, and sends SMTP (MAIL_SMTP_TLS=none) to one 
 `smtp-sink` on a free loopback port. It prints one table and writes a JSON file.
 
     scripts/bench [--quick] [--json FILE] [--scenarios intake,e2e,latency,fairness]
-                  [--workers 16] [--profile DIR]
+                  [--workers 16] [--profile DIR] [--peers]
+
+With --peers the end-to-end scenario also runs the peer benchmark of ../shared/peers
+(django-post_office's `send_queued_mail` against its own smtp-sink, after its setup.sh; it writes
+only under $PEERS_WORK) in the same sitting and prints mailtrio's rate as a ratio of it.
 
 Time sources: XADD time is the millisecond part of the stream entry id (Redis's clock); the 250
 time is the attempt's `finished_at` (the service's clock, taken when the server's reply to the
@@ -44,6 +48,8 @@ from benchlib.harness import HarnessError, Procs, Serve
 TARGETS = {
     "intake.commands_per_s": ">= 10000",
     "e2e.deliveries_per_s": ">= 1500",
+    "e2e.ratio_to_smtp_source": ">= 0.1",
+    "e2e.ratio_to_post_office": ">= 3",
     "latency.500.p99_ms": "< 100",
     "latency.200.p50_ms": "< 20",
     "latency.200.p99_ms": "< 100",
@@ -61,12 +67,13 @@ class Sizes:
     backlog: int
     auth_count: int
     auth_rate: float
+    peer_messages: int
 
 
 FULL = Sizes(intake=100_000, e2e=50_000, loads=(100, 200, 500, 1000), load_seconds=15.0,
-             backlog=100_000, auth_count=200, auth_rate=20.0)
+             backlog=100_000, auth_count=200, auth_rate=20.0, peer_messages=5_000)
 QUICK = Sizes(intake=2_000, e2e=600, loads=(100, 500, 1000), load_seconds=0.3,
-              backlog=2_000, auth_count=10, auth_rate=40.0)
+              backlog=2_000, auth_count=10, auth_rate=40.0, peer_messages=300)
 
 
 class Bench:
@@ -299,7 +306,18 @@ class Bench:
             "smtp_source_msgs_per_s": round(source_rate, 1), "smtp_source_message_bytes": size,
             "smtp_source_sessions": self.args.workers,
             "ratio_to_smtp_source": round(rate / source_rate, 4), **foot, **per_item(foot, n),
+            **(self.peers() if self.args.peers else {}),
         }
+
+    def peers(self) -> dict[str, Any]:
+        """django-post_office's send rate in this sitting (../shared/peers), and the ratio."""
+        try:
+            res = harness.post_office(harness.peers_dir(self.args.peers_dir), self.sizes.peer_messages,
+                                      setup_timeout=600.0)
+        except HarnessError as exc:
+            return {"post_office_error": str(exc)}
+        return {"post_office_msgs_per_s": res["msgs_per_s"], "post_office_messages": res["N"],
+                "post_office_line": res["line"]}
 
     def _paced(self, key: str, make: Callable[[int], dict[str, str]], count: int,
                rate: float) -> dict[str, int]:
@@ -493,6 +511,13 @@ def table(results: dict[str, Any]) -> str:
             add(scn, "smtp-source msgs/s (same sink)", res["smtp_source_msgs_per_s"])
             add(scn, f"ratio mailtrio/smtp-source ({res['smtp_source_sessions']} conns)",
                 f"{res['ratio_to_smtp_source']:.3f}")
+            if "post_office_msgs_per_s" in res:
+                add(scn, f"django-post_office msgs/s ({res['post_office_messages']}, same sitting)",
+                    res["post_office_msgs_per_s"])
+                add(scn, "ratio mailtrio/post_office", f"{res['deliveries_per_s'] / res['post_office_msgs_per_s']:.2f}",
+                    TARGETS["e2e.ratio_to_post_office"])
+            elif "post_office_error" in res:
+                add(scn, "django-post_office", "error: " + res["post_office_error"])
             add(scn, "sent / sink accepted", f"{res['sent']} / {res['sink_accepted']}")
             add(scn, "service CPU ms/delivery (-> per core/s)",
                 f"{res['service_cpu_ms_per_item']} (-> {res['rate_per_core_s']})")
@@ -545,6 +570,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="extra environment for the service (the bench drops inherited MAIL_*/OTEL_* "
                         "variables), e.g. OTEL_TRACES_SAMPLER=always_on to record every span")
     p.add_argument("--redis-addr", default=os.environ.get("MAILTRIO_BENCH_REDIS_ADDR", "127.0.0.1:6379"))
+    p.add_argument("--peers", action="store_true",
+                   help="with e2e: run django-post_office's send benchmark (../shared/peers) in the same sitting")
+    p.add_argument("--peers-dir", default=None,
+                   help="the peer benchmarks (default: ../shared/peers beside the checkout, or $MAILTRIO_PEERS_DIR)")
     p.add_argument("--keep-logs", action="store_true", help="keep the work directory with the service logs")
     return p.parse_args(argv)
 

@@ -251,6 +251,57 @@ def smtp_source(addr: str, *, sessions: int, messages: int, size: int, timeout: 
     return messages / elapsed
 
 
+# --- peers (../shared/peers) ----------------------------------------------------------------
+
+
+def peers_dir(explicit: str | None = None) -> Path:
+    """The peer benchmarks: `explicit`, $MAILTRIO_PEERS_DIR, else ../shared/peers beside the checkout."""
+    found = Path(explicit or os.environ.get("MAILTRIO_PEERS_DIR") or ROOT.parent / "shared" / "peers")
+    if not (found / "post_office" / "run.sh").is_file():
+        raise HarnessError(f"no peer benchmarks in {found} (post_office/run.sh missing)")
+    return found
+
+
+def parse_peer_line(line: str) -> dict[str, Any]:
+    """`post_office N=5000 ... msgs_per_s=431.3 ...` -> {"N": 5000, "msgs_per_s": 431.3, ...}."""
+    out: dict[str, Any] = {"line": line.strip()}
+    for word in line.split()[1:]:
+        name, sep, value = word.partition("=")
+        if not sep:
+            continue
+        try:
+            out[name] = int(value)
+        except ValueError:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                out[name] = value
+    return out
+
+
+def post_office(peers: Path, messages: int, *, setup_timeout: float) -> dict[str, Any]:
+    """django-post_office's `send_queued_mail` rate for `messages` queued mails (its run.sh, with
+    its own smtp-sink), after its setup.sh when its virtualenv is missing. Everything it writes
+    goes under $PEERS_WORK (default /tmp/mailtrio-peers)."""
+    work = Path(os.environ.get("PEERS_WORK", "/tmp/mailtrio-peers"))
+    env = {**os.environ, "PEERS_WORK": str(work)}
+    if not (work / "post_office-venv" / "bin" / "python").exists():
+        done = subprocess.run(["bash", str(peers / "post_office" / "setup.sh")], capture_output=True,
+                              timeout=setup_timeout, check=False, env=env)
+        if done.returncode != 0:
+            raise HarnessError(f"post_office setup failed: {done.stderr.decode(errors='replace')[-400:]}")
+    done = subprocess.run(["bash", str(peers / "post_office" / "run.sh"), str(messages)], capture_output=True,
+                          timeout=max(120.0, messages / 20), check=False, env=env)
+    lines = [ln for ln in done.stdout.decode(errors="replace").splitlines() if ln.startswith("post_office ")]
+    if done.returncode != 0 or not lines:
+        raise HarnessError(f"post_office run failed ({done.returncode}): "
+                           f"{done.stderr.decode(errors='replace')[-400:]}")
+    res = parse_peer_line(lines[-1])
+    if res.get("sent_rows") != messages or not isinstance(res.get("msgs_per_s"), float):
+        raise HarnessError(f"post_office did not send every message: {lines[-1]}")
+    return res
+
+
 # --- private Redis ---------------------------------------------------------------------------
 
 

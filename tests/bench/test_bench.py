@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from numbers import Real
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchlib import harness  # noqa: E402
 
 
 def _number(value: object) -> bool:
@@ -63,3 +67,18 @@ def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
     # the table names every scenario
     for name in scenarios:
         assert name in done.stdout
+
+
+def test_peer_result_line_is_read_as_numbers() -> None:
+    line = ("post_office N=5000 queue_s=8.108 send_s=11.592 msgs_per_s=431.3 sink_count=5000 queue_fn=send "
+            "processes=default sent_rows=5000 failed_rows=0 empty_cmd_s=0.606")
+    res = harness.parse_peer_line(line)
+    assert res["N"] == 5000 and res["sent_rows"] == 5000 and res["failed_rows"] == 0
+    assert res["msgs_per_s"] == 431.3 and res["send_s"] == 11.592
+    assert res["queue_fn"] == "send" and res["processes"] == "default"
+    assert res["line"] == line
+
+
+def test_peers_dir_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(harness.HarnessError, match=r"post_office/run\.sh missing"):
+        harness.peers_dir(str(tmp_path))
