@@ -66,6 +66,27 @@ END
 $$;
 -- +goose StatementEnd
 
+-- The final event carries the delivery's per-recipient results when it has them: the
+-- `recipient_outcomes` column of deliveries (each envelope recipient's email, status, last reply
+-- and attempt; NULL when one recipient was accepted at once). Read through this function, made
+-- here to read the column directly when it exists, and otherwise through to_jsonb (a whole-row
+-- conversion per final event, which still finds the column should it be added later).
+-- +goose StatementBegin
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_attribute
+               WHERE attrelid = 'mail.deliveries'::regclass AND attname = 'recipient_outcomes'
+                 AND NOT attisdropped) THEN
+        EXECUTE 'CREATE FUNCTION mail.delivery_event_recipients(d mail.deliveries) RETURNS jsonb '
+                'LANGUAGE sql STABLE AS $f$ SELECT d.recipient_outcomes $f$';
+    ELSE
+        EXECUTE 'CREATE FUNCTION mail.delivery_event_recipients(d mail.deliveries) RETURNS jsonb '
+                'LANGUAGE sql STABLE AS $f$ SELECT to_jsonb(d) -> ''recipient_outcomes'' $f$';
+    END IF;
+END
+$$;
+-- +goose StatementEnd
+
 -- Status transitions. Which change is which event:
 --   -> sent, suppressed, failed, dead_letter, cancelled          that event (the final one)
 --   sending -> queued/rendered after an attempt (attempt_count grew)   deferred: a retryable
@@ -74,9 +95,6 @@ $$;
 --   sending -> queued/rendered without an attempt (a released claim)   no event
 --   a finished status -> queued/rendered (operator retry)       retried
 --   the claim (-> sending) and anything else                     no event
--- The final event carries the delivery's per-recipient results when the row has them (a
--- `recipient_outcomes` column, read through to_jsonb so that this function works with or
--- without it).
 -- +goose StatementBegin
 CREATE FUNCTION mail.delivery_events_changed() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -97,7 +115,7 @@ BEGIN
                                        THEN mail.event_time(n.next_attempt_at) END,
                'previous_status', CASE WHEN c.event = 'retried' THEN o.status END,
                'recipients', CASE WHEN c.event IN ('sent', 'suppressed', 'failed', 'dead_letter')
-                                  THEN (to_jsonb(n) -> 'recipient_outcomes')::text END))
+                                  THEN mail.delivery_event_recipients(n)::text END))
     FROM new_rows n
     JOIN old_rows o ON o.delivery_id = n.delivery_id
     CROSS JOIN LATERAL (
@@ -161,5 +179,6 @@ DROP TRIGGER delivery_events_accepted ON mail.deliveries;
 DROP FUNCTION mail.delivery_events_rejected();
 DROP FUNCTION mail.delivery_events_changed();
 DROP FUNCTION mail.delivery_events_accepted();
+DROP FUNCTION mail.delivery_event_recipients(mail.deliveries);
 DROP FUNCTION mail.event_time(timestamptz);
 DROP TABLE mail.delivery_events;
