@@ -66,7 +66,7 @@ END
 $$;
 -- +goose StatementEnd
 
--- The final event carries the delivery's per-recipient results when it has them: the
+-- Final and deferred events carry the delivery's per-recipient results when it has them: the
 -- `recipient_outcomes` column of deliveries (each envelope recipient's email, status, last reply
 -- and attempt; NULL when one recipient was accepted at once). Read through this function, made
 -- here to read the column directly when it exists, and otherwise through to_jsonb (a whole-row
@@ -114,7 +114,7 @@ BEGIN
                'next_attempt_at', CASE WHEN c.event IN ('deferred', 'retried')
                                        THEN mail.event_time(n.next_attempt_at) END,
                'previous_status', CASE WHEN c.event = 'retried' THEN o.status END,
-               'recipients', CASE WHEN c.event IN ('sent', 'suppressed', 'failed', 'dead_letter')
+               'recipients', CASE WHEN c.event IN ('deferred', 'sent', 'suppressed', 'failed', 'dead_letter')
                                   THEN mail.delivery_event_recipients(n)::text END))
     FROM new_rows n
     JOIN old_rows o ON o.delivery_id = n.delivery_id

@@ -197,6 +197,10 @@ async def test_final_event_carries_recipient_outcomes_when_the_row_has_them(db: 
         conn.execute("UPDATE mail.deliveries SET recipient_outcomes = %s WHERE delivery_id = 'po'",
                      [json.dumps(outcomes)])
     assert kinds(database, "po") == ["accepted"]  # no status change, no event
+    await record(db, [finish(c["po"], "rendered", "provider_deferred", "451 later", retry_ms=0, ladder_step=1)])
+    deferred = events(database, "po")[-1]
+    assert deferred["event"] == "deferred" and json.loads(deferred["fields"]["recipients"]) == outcomes
+    c = await claim(db)
     await record(db, [finish(c["po"], "sent", "provider_accepted", "250 ok")])
     final = events(database, "po")[-1]
     assert final["event"] == "sent"
