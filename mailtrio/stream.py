@@ -173,29 +173,63 @@ class Stream:
     async def add_batch(
         self,
         key: str,
-        entries: Sequence[Mapping[Any, Any]],
+        entries: Sequence[Mapping[str, str]],
         *,
         maxlen: int | None = None,
         min_id: str | None = None,
     ) -> list[str]:
-        """XADD `entries` to `key` in order, in one pipelined round trip (no MULTI); returns the
+        """XADD `entries` to `key` in order, pipelined in one round trip (no MULTI); returns the
         entry IDs. Each XADD trims with `MAXLEN ~ maxlen`, and a final `XTRIM MINID ~ min_id`
         drops entries older than `min_id` (both approximate: whole macro nodes, cheap). Any
-        error fails the whole call: the caller publishes the batch again (at least once)."""
+        error fails the whole call (the connection is dropped): the caller publishes the batch
+        again, so an entry may be added twice (at least once).
+
+        The commands are packed here, as text encoded once per entry, rather than by redis-py's
+        pipeline, whose generic per-argument packing cost ~20 us of CPU per entry of 15 fields
+        (half the publisher's work per event)."""
         if not entries:
             return []
+        head = f"$4\r\nXADD\r\n{_bulk(key)}"
+        if maxlen is not None:
+            head += f"$6\r\nMAXLEN\r\n$1\r\n~\r\n{_bulk(str(maxlen))}"
+        head += "$1\r\n*\r\n"
+        n_head = 3 + (3 if maxlen is not None else 0)
+        chunks: list[bytes] = []
+        for fields in entries:
+            # lengths in characters are lengths in bytes when the text is ASCII (nearly always)
+            body = "".join([f"${len(k)}\r\n{k}\r\n${len(v)}\r\n{v}\r\n" for k, v in fields.items()])
+            if not body.isascii():
+                body = "".join([_bulk(k) + _bulk(v) for k, v in fields.items()])
+            chunks.append(f"*{n_head + 2 * len(fields)}\r\n{head}{body}".encode("utf-8", "surrogatepass"))
+        expected = len(entries)
+        if min_id is not None:
+            chunks.append(f"*5\r\n$5\r\nXTRIM\r\n{_bulk(key)}$5\r\nMINID\r\n$1\r\n~\r\n{_bulk(min_id)}".encode())
+            expected += 1
+        packed = b"".join(chunks)
 
-        async def _pipeline() -> list[Any]:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for fields in entries:
-                    pipe.xadd(key, dict(fields), maxlen=maxlen, approximate=True)
-                if min_id is not None:
-                    pipe.xtrim(key, minid=min_id, approximate=True)
-                return list(await pipe.execute())
+        async def _send() -> list[Any]:
+            pool = self.client.connection_pool
+            conn = await pool.get_connection()
+            try:
+                await conn.send_packed_command(packed, check_health=False)
+                # an error reply raises here: the replies after it are left unread, so the
+                # connection is dropped below rather than returned out of step
+                return [await conn.read_response() for _ in range(expected)]
+            except BaseException:
+                await conn.disconnect()
+                raise
+            finally:
+                await pool.release(conn)
 
         with trio.fail_after(CALL_TIMEOUT):
-            replies = await bridge.call(_pipeline)
+            replies = await bridge.call(_send)
         return [_id(r) for r in replies[: len(entries)]]
+
+
+def _bulk(value: str) -> str:
+    """One bulk string of the Redis protocol (RESP), as text (its length counted in UTF-8 bytes)."""
+    size = len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    return f"${size}\r\n{value}\r\n"
 
 
 def tail_entries(

@@ -29,20 +29,23 @@ CALL_TIMEOUT = 10.0
 @dataclass(frozen=True)
 class OutboxEvent:
     seq: int
-    event_id: str
     event: str
     delivery_id: str | None
-    fields: dict[str, str]
+    # the stream entry: every field (event_id, event, occurred_at included), every value a string
+    entry: dict[str, str]
     created_at: datetime
+
+    @property
+    def event_id(self) -> str:
+        return self.entry["event_id"]
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> OutboxEvent:
         return cls(
             seq=row["seq"],
-            event_id=str(row["event_id"]),
             event=row["event"],
             delivery_id=row["delivery_id"],
-            fields={str(k): str(v) for k, v in (row["fields"] or {}).items()},
+            entry=row["entry"],
             created_at=row["created_at"],
         )
 

@@ -10,8 +10,11 @@ SELECT pg_try_advisory_lock(%(lock_id)s) AS locked;
 SELECT pg_advisory_unlock(%(lock_id)s) AS unlocked;
 
 -- name: events_fetch
--- The oldest unpublished events, in outbox order, through delivery_events_unpublished_idx.
-SELECT seq, event_id, event, delivery_id, fields, created_at
+-- The oldest unpublished events, in outbox order, through delivery_events_unpublished_idx, each
+-- with its whole stream entry (`entry`: the fields plus event_id, event and occurred_at).
+SELECT seq, event, delivery_id, created_at,
+       fields || jsonb_build_object('event_id', event_id::text, 'event', event,
+                                    'occurred_at', mail.event_time(created_at)) AS entry
 FROM mail.delivery_events
 WHERE published_at IS NULL
 ORDER BY seq

@@ -154,3 +154,21 @@ async def test_gauges_and_retention_of_published_rows(
     counts = await Retention(settings, db).run_once()
     assert counts.delivery_events == 5
     assert [r["delivery_id"] for r in ev.outbox(database)] == ["g-unpublished"]
+
+
+async def test_entries_are_binary_safe_and_keep_unicode(
+    settings: Settings, db: Database, redis_client: redis.Redis, events_key: str
+) -> None:
+    """The publisher packs its XADDs itself: lengths in bytes, any character, CR LF included."""
+    publisher = Publisher(settings, db)
+    values = {"event_id": "e-1", "event": "deferred", "reason": "451 réessayez plus tard — 稍后重试",
+              "reply": "line one\r\nline two $3\r\n*2", "empty": "", "emoji": "✉️"}
+    try:
+        ids = await publisher.stream.add_batch(events_key, [values, {"event_id": "e-2", "event": "sent"}],
+                                               maxlen=1000, min_id="0-1")
+    finally:
+        await publisher.stream.close()
+    assert len(ids) == 2
+    [first, second] = ev.stream_events(redis_client, events_key)
+    assert {k: v for k, v in first.items() if k != "id"} == values
+    assert second["event_id"] == "e-2" and [first["id"], second["id"]] == ids
