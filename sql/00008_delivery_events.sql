@@ -9,7 +9,8 @@
 -- Order: the events of one delivery are written by transactions that each hold the delivery's
 -- row lock, so a later event of a delivery both gets a higher `seq` and commits later; the
 -- publisher reads committed unpublished rows in `seq` order, so it never sees a delivery's later
--- event before an earlier one.
+-- event before an earlier one. (This needs the identity's sequence without a per-session cache,
+-- its default: with CACHE n, sessions would draw from ranges of their own.)
 CREATE TABLE mail.delivery_events (
     seq           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     -- stable across re-publishes: consumers dedupe on it

@@ -5,6 +5,7 @@ sees exactly one event per change."""
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -112,3 +113,25 @@ def test_redis_restart_events_wait_in_the_outbox_and_drain_in_order(
     kept = ev.assert_complete_and_ordered(dsn, stream)
     assert len(kept) == len(ev.outbox(dsn)) == 400
     assert_one_event_per_change(dsn, kept, now_ids + later_ids)
+
+
+def test_shutdown_with_redis_down_is_bounded_and_loses_nothing(
+    service_env: dict[str, str], persistent_redis: Any
+) -> None:
+    env = {**service_env, "MAIL_REDIS_MASTER_ADDR": persistent_redis.addr, "MAIL_SHUTDOWN_TIMEOUT": "6s"}
+    dsn = env["MAIL_POSTGRES_PRIMARY_DSN"]
+    with ServeProcess(env) as proc:
+        proc.wait_ready()
+        proc.wait_for("event publisher active")
+        persistent_redis.stop()
+        # deliveries written while Redis is down: delivered, their events wait in the outbox
+        ids = h.insert(dsn, [h.delivery(f"sd-{i}") for i in range(20)])
+        h.wait_status(dsn, ids, timeout=30)
+        proc.wait_for("event publish failed; events wait in the outbox", timeout=30)
+        started = time.monotonic()
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - started < 6 + 6  # the bound, plus closing connections
+        stopped = proc.wait_for("event publisher stopped")
+        assert stopped["was_publishing"] is True
+    assert ev.unpublished(dsn) == 40  # accepted and sent, for the next publisher
