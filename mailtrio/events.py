@@ -8,7 +8,8 @@ of its own, through which it also reads and marks the outbox. The others try aga
 another one takes over within seconds.
 
 The active publisher reads the oldest unpublished events in outbox order, XADDs them in one
-pipelined round trip (each entry carries its stable `event_id`), then marks them published.
+round trip (each entry carries its stable `event_id`; see Stream.add_json_batch), then marks
+them published.
 Delivery is at least once: a crash between the XADD and the mark publishes the batch again with
 the same `event_id`s, which consumers dedupe. When Redis is down the batch is retried with a
 backoff while the events accumulate in the outbox; they drain in order when it returns.
@@ -31,7 +32,7 @@ import trio
 from mailtrio import log, telemetry
 from mailtrio.config import Settings
 from mailtrio.store import Database
-from mailtrio.store.events import OutboxConnection, OutboxEvent, outbox_gauges
+from mailtrio.store.events import OutboxConnection, outbox_gauges
 from mailtrio.stream import Stream, StreamError
 
 _log = log.get("mailtrio.events")
@@ -52,11 +53,6 @@ MONITOR_TIMEOUT = 10.0
 
 class _RedisUnavailable(Exception):
     """The XADD batch failed: the events stay unpublished in the outbox."""
-
-
-def entry_fields(event: OutboxEvent) -> dict[str, str]:
-    """The stream entry of one event: every value a string (built by the outbox query)."""
-    return event.entry
 
 
 class Publisher:
@@ -102,9 +98,9 @@ class Publisher:
         if not events:
             return 0
         try:
-            await self.stream.add_batch(
+            await self.stream.add_json_batch(
                 self.key,
-                [entry_fields(e) for e in events],
+                [e.entry for e in events],
                 maxlen=self.settings.event_stream_maxlen or None,
                 min_id=self._min_id(),
             )
@@ -175,6 +171,8 @@ class Publisher:
                     await self._pause(self.lock_retry)
                     continue
                 _log.info("event publisher active", instance_id=self.settings.instance_id, stream=self.key)
+            # the final drain: a read that began after stop() was called found the outbox empty
+            drained_if_short = self._stopping.is_set()
             try:
                 n = await self.publish_once()
             except _RedisUnavailable as exc:
@@ -205,7 +203,7 @@ class Publisher:
                 failing = False
                 backoff = BACKOFF_MIN
             if n < self.batch_size:
-                if self._stopping.is_set():
+                if drained_if_short:
                     return
                 await self._pause(self.poll_interval)
 

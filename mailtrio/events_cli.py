@@ -24,7 +24,8 @@ def add_events_parser(subparsers: Any) -> None:
         "tail",
         help="print the events of MAIL_REDIS_EVENT_STREAM as JSON lines",
         description="Print delivery outcome events as JSON lines (the stream entry ID as `id`, then "
-                    "every field), waiting for new ones until interrupted. Reads MAIL_REDIS_MASTER_ADDR, "
+                    "every field in a fixed order), waiting for new ones until interrupted. Reads "
+                    "MAIL_REDIS_MASTER_ADDR, "
                     "MAIL_REDIS_PASSWORD, MAIL_REDIS_DB and MAIL_REDIS_EVENT_STREAM.",
     )
     tail.add_argument("--from", dest="from_id", default="$", metavar="ID",
@@ -38,6 +39,19 @@ def add_events_parser(subparsers: Any) -> None:
 
 
 _ENTRY_ID_RE = re.compile(r"^(\$|\d+(-\d+)?)$")
+
+# The order fields are printed in (an entry is a map: the stream does not keep one); others follow
+# in name order.
+FIELD_ORDER = ("event_id", "event", "delivery_id", "source", "idempotency_key", "status", "attempt_no",
+               "attempt_status", "reason", "reply", "next_attempt_at", "previous_status", "failure_code",
+               "failure_detail", "recipients", "stream_entry_id", "traceparent", "occurred_at")
+_RANK = {name: i for i, name in enumerate(FIELD_ORDER)}
+
+
+def ordered(entry_id: str, fields: Mapping[str, str]) -> dict[str, str]:
+    """The JSON line of one entry: `id`, then the fields in FIELD_ORDER, then the rest by name."""
+    names = sorted(fields, key=lambda k: (_RANK.get(k, len(_RANK)), k))
+    return {"id": entry_id, **{k: fields[k] for k in names}}
 
 
 def cmd_events_tail(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
@@ -76,7 +90,7 @@ def cmd_events_tail(args: argparse.Namespace, env: Mapping[str, str] | None = No
             idle_since = time.monotonic()
             if args.delivery_id and fields.get("delivery_id") != args.delivery_id:
                 continue
-            print(json.dumps({"id": entry_id, **fields}, ensure_ascii=False), flush=True)
+            print(json.dumps(ordered(entry_id, fields), ensure_ascii=False), flush=True)
             printed += 1
             if args.count and printed >= args.count:
                 return 0

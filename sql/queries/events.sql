@@ -11,10 +11,11 @@ SELECT pg_advisory_unlock(%(lock_id)s) AS unlocked;
 
 -- name: events_fetch
 -- The oldest unpublished events, in outbox order, through delivery_events_unpublished_idx, each
--- with its whole stream entry (`entry`: the fields plus event_id, event and occurred_at).
-SELECT seq, event, delivery_id, created_at,
-       fields || jsonb_build_object('event_id', event_id::text, 'event', event,
-                                    'occurred_at', mail.event_time(created_at)) AS entry
+-- with its whole stream entry as JSON text (`entry`: the fields plus event_id, event and
+-- occurred_at), which the publisher hands to Redis without parsing it.
+SELECT seq, event,
+       (fields || jsonb_build_object('event_id', event_id::text, 'event', event,
+                                     'occurred_at', mail.event_time(created_at)))::text AS entry
 FROM mail.delivery_events
 WHERE published_at IS NULL
 ORDER BY seq

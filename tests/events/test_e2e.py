@@ -111,6 +111,7 @@ def test_every_event_type_in_order(
         ).stdout
         lines = [json.loads(line) for line in out.splitlines()]
         assert lines == by["e-flaky"]
+        assert all(list(line)[:4] == ["id", "event_id", "event", "delivery_id"] for line in lines)
     finally:
         redis_client.delete(events_key)
 

@@ -5,6 +5,7 @@ and the retention of published rows."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +15,7 @@ import trio
 
 from mailtrio import bridge, telemetry
 from mailtrio.config import Settings
-from mailtrio.events import Publisher, entry_fields
+from mailtrio.events import Publisher
 from mailtrio.retention import Retention
 from mailtrio.store import Database
 from tests.engine import helpers as h
@@ -65,7 +66,7 @@ async def test_a_crash_between_xadd_and_mark_republishes_the_same_event_ids(
     dying = Publisher(settings, db)
     assert await dying.outbox.try_lock()
     batch = await dying.outbox.fetch(10)
-    await dying.stream.add_batch(events_key, [entry_fields(e) for e in batch])
+    await dying.stream.add_json_batch(events_key, [e.entry for e in batch])
     # the process dies here: its session (and lock) ends, nothing was marked published
     await dying.outbox.close()
     await dying.stream.close()
@@ -159,16 +160,20 @@ async def test_gauges_and_retention_of_published_rows(
 async def test_entries_are_binary_safe_and_keep_unicode(
     settings: Settings, db: Database, redis_client: redis.Redis, events_key: str
 ) -> None:
-    """The publisher packs its XADDs itself: lengths in bytes, any character, CR LF included."""
+    """Entries travel as JSON text to a script that XADDs them: any character survives, CR LF
+    included, whether the JSON escapes non-ASCII characters or not."""
     publisher = Publisher(settings, db)
     values = {"event_id": "e-1", "event": "deferred", "reason": "451 réessayez plus tard — 稍后重试",
-              "reply": "line one\r\nline two $3\r\n*2", "empty": "", "emoji": "✉️"}
+              "reply": "line one\r\nline two $3\r\n*2 \"quoted\" \\", "empty": "", "emoji": "✉️"}
     try:
-        ids = await publisher.stream.add_batch(events_key, [values, {"event_id": "e-2", "event": "sent"}],
-                                               maxlen=1000, min_id="0-1")
+        added = await publisher.stream.add_json_batch(
+            events_key, [json.dumps(values), json.dumps(values, ensure_ascii=False),
+                         json.dumps({"event_id": "e-2", "event": "sent"})],
+            maxlen=1000, min_id="0-1")
     finally:
         await publisher.stream.close()
-    assert len(ids) == 2
-    [first, second] = ev.stream_events(redis_client, events_key)
+    assert added == 3
+    first, second, third = ev.stream_events(redis_client, events_key)
     assert {k: v for k, v in first.items() if k != "id"} == values
-    assert second["event_id"] == "e-2" and [first["id"], second["id"]] == ids
+    assert {k: v for k, v in second.items() if k != "id"} == values
+    assert third["event_id"] == "e-2" and first["id"] < second["id"] < third["id"]
