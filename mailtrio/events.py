@@ -37,7 +37,7 @@ from mailtrio.stream import Stream, StreamError
 
 _log = log.get("mailtrio.events")
 
-# Events per outbox read and per pipelined XADD round trip.
+# Events per outbox read and per XADD round trip (one script call).
 BATCH_SIZE = 500
 # Pause between outbox reads when the outbox is drained.
 POLL_INTERVAL = 0.2
