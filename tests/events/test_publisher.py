@@ -129,8 +129,13 @@ async def test_publisher_off_never_publishes(
     assert ev.unpublished(database) == 1 and redis_client.xlen(events_key) == 0
 
 
+def _gauge(reader: Any, name: str) -> float:
+    [point] = _metrics(reader)[name].data_points
+    return float(point.value)
+
+
 async def test_gauges_and_retention_of_published_rows(
-    settings: Settings, db: Database, database: str, events_key: str
+    settings: Settings, db: Database, database: str, events_key: str, metric_reader: Any
 ) -> None:
     h.insert(database, [h.delivery(f"g{i}") for i in range(5)])
     h.query(database, "UPDATE mail.delivery_events SET created_at = now() - interval '3 seconds' RETURNING 1")
@@ -138,6 +143,8 @@ async def test_gauges_and_retention_of_published_rows(
     snapshot = await publisher.refresh_gauges()
     assert snapshot.depth == 5 and 3000 <= snapshot.oldest_age_ms < 60_000
     assert telemetry.outbox_snapshot.depth == 5
+    assert _gauge(metric_reader, "mail.events.outbox.depth") == 5
+    assert 3000 <= _gauge(metric_reader, "mail.events.outbox.oldest_age_ms") < 60_000
     try:
         assert await publisher.outbox.try_lock()
         assert await publisher.publish_once() == 5
@@ -146,6 +153,7 @@ async def test_gauges_and_retention_of_published_rows(
         await publisher.stream.close()
     snapshot = await publisher.refresh_gauges()
     assert (snapshot.depth, snapshot.oldest_age_ms) == (0, 0)
+    assert _gauge(metric_reader, "mail.events.outbox.depth") == 0
 
     # published two days ago: past MAIL_EVENT_OUTBOX_RETENTION (24h); one more, old but unpublished
     h.query(database, "UPDATE mail.delivery_events SET published_at = now() - interval '2 days' RETURNING 1")
