@@ -138,6 +138,7 @@ class Settings:
     event_stream_max_age: float
     events_publisher: bool
     event_outbox_retention: float
+    console_session_ttl: float = 12 * 3600.0
 
     @property
     def lease_seconds(self) -> float:
@@ -177,6 +178,8 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
     "MAIL_SMTP_TIMEOUT": (False, "30s", "bound on one SMTP transaction; lease = this + 15s"),
     "MAIL_INTERNAL_HTTP_ADDR": (False, "127.0.0.1:8080", "internal HTTP listener"),
     "MAIL_INTERNAL_HTTP_TOKEN": (False, "", "bearer token required on every route when set"),
+    "MAIL_CONSOLE_SESSION_TTL": (False, "12h", "how long a sign-in to the operator console (`/console`) lasts "
+                                 "when MAIL_INTERNAL_HTTP_TOKEN is set"),
     "MAIL_SHUTDOWN_TIMEOUT": (False, "30s", "bound on the whole coordinated shutdown (keep it below "
                               "systemd's TimeoutStopSec)"),
     "MAIL_ATTEMPT_WORKER_CONCURRENCY": (False, "16", "attempt workers (fed through a bounded memory channel)"),
@@ -317,6 +320,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
     http_host, http_port = address("MAIL_INTERNAL_HTTP_ADDR", default("MAIL_INTERNAL_HTTP_ADDR"))
     http_token = env.get("MAIL_INTERNAL_HTTP_TOKEN") or None
     shutdown_timeout = duration("MAIL_SHUTDOWN_TIMEOUT")
+    console_session_ttl = duration("MAIL_CONSOLE_SESSION_TTL")
+    if console_session_ttl < 1:
+        raise ConfigError("MAIL_CONSOLE_SESSION_TTL", "must be at least 1s")
     concurrency = integer("MAIL_ATTEMPT_WORKER_CONCURRENCY", 1, 10_000)
 
     ladder_raw = default("MAIL_RETRY_LADDER")
@@ -390,6 +396,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         event_stream_max_age=event_max_age,
         events_publisher=publisher_raw == "on",
         event_outbox_retention=outbox_retention,
+        console_session_ttl=console_session_ttl,
     )
 
 

@@ -32,6 +32,7 @@ def create_app(settings: Settings, db: Database) -> QuartTrio:
     app.extensions["mailtrio.db"] = db
     app.extensions["mailtrio.settings"] = settings
     token = settings.http_token.encode() if settings.http_token else None
+    from mailtrio.http import console
 
     @app.before_request
     async def _start() -> Response | None:
@@ -49,6 +50,8 @@ def create_app(settings: Settings, db: Database) -> QuartTrio:
         g.span = span
         g.span_token = trace.use_span(span, end_on_exit=False)
         g.span_token.__enter__()
+        if console.owns(request.path):
+            return await console.guard()  # the console's own session; never opens the JSON routes
         if token is not None:
             header = request.headers.get("Authorization", "")
             supplied = header[7:].encode() if header.startswith("Bearer ") else b""
@@ -85,10 +88,14 @@ def create_app(settings: Settings, db: Database) -> QuartTrio:
 
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
+        if console.owns(request.path):
+            return console.error_response(exc)
         return _json_error(exc)
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
+        if console.owns(request.path):
+            return console.error_response(exc)
         code = _HTTP_CODES.get(exc.code or 500, "internal" if (exc.code or 500) >= 500 else "invalid_argument")
         if exc.code == 404:
             message = f"no route {request.method} {request.path}"
@@ -109,11 +116,14 @@ def create_app(settings: Settings, db: Database) -> QuartTrio:
         span = g.get("span")
         if span is not None:
             span.record_exception(exc)
+        if console.owns(request.path):
+            return console.error_response(exc)
         return _json_error(ApiError("internal", "internal error"))
 
     from mailtrio.http.routes import register
 
     register(app, PREFIX)
+    console.register(app, settings.http_token, settings.console_session_ttl)
     return app
 
 

@@ -9,7 +9,7 @@ conditional statements, so they race safely with the scheduler's claim.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from mailtrio.store import Conn, Database
@@ -317,3 +317,47 @@ async def schedule_gauges(db: Database) -> tuple[int, int]:
         return int(row["depth"]), int(row["oldest_age_ms"])
 
     return await db.run(_gauges)
+
+
+FINAL_STATUSES = ("sent", "suppressed", "failed", "dead_letter", "cancelled")
+
+
+async def activity(db: Database, *, minutes: int) -> dict[str, Any]:
+    """What the console's overview shows beside the schedule, in one connection checkout:
+    `dead_letters_last_hour`, `malformed_last_hour`, `outcomes` (one entry per minute of the last
+    `minutes`, oldest first: `{"minute", "counts": {final status: n}}`) and `lease_holders`
+    (`instance_id`, `deliveries`, `oldest_lease_started_at`, `latest_lease_expires_at`)."""
+
+    async def _activity(conn: Conn) -> dict[str, Any]:
+        cur = await conn.execute(q("recent_failures"))
+        recent = await cur.fetchone()
+        assert recent is not None
+        cur = await conn.execute(q("outcome_rates"), {"minutes": minutes})
+        counted: dict[datetime, dict[str, int]] = {}
+        for row in await cur.fetchall():
+            counted.setdefault(row["minute"], {})[row["status"]] = int(row["n"])
+        current: datetime = recent["current_minute"]
+        outcomes = []
+        for back in range(minutes - 1, -1, -1):
+            minute = current - timedelta(minutes=back)
+            counts = counted.get(minute, {})
+            outcomes.append({"minute": rfc3339(minute),
+                             "counts": {status: counts.get(status, 0) for status in FINAL_STATUSES}})
+        cur = await conn.execute(q("lease_holders"))
+        holders = [
+            {
+                "instance_id": row["instance_id"],
+                "deliveries": int(row["deliveries"]),
+                "oldest_lease_started_at": rfc3339(row["oldest_lease_started_at"]),
+                "latest_lease_expires_at": rfc3339(row["latest_lease_expires_at"]),
+            }
+            for row in await cur.fetchall()
+        ]
+        return {
+            "dead_letters_last_hour": int(recent["dead_letters"]),
+            "malformed_last_hour": int(recent["malformed_commands"]),
+            "outcomes": outcomes,
+            "lease_holders": holders,
+        }
+
+    return await db.run(_activity)

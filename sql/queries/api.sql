@@ -130,3 +130,30 @@ SELECT count(*) AS depth,
        coalesce(greatest(0, floor(extract(epoch FROM now() - min(schedule_entered_at)) * 1000)), 0)::bigint
            AS oldest_age_ms
 FROM mail.deliveries WHERE status IN ('queued', 'rendered');
+
+-- name: recent_failures
+-- The operator console's overview: dead letters and malformed commands of the last hour, each
+-- counted on its own time index (dead_letters_created_at_idx, malformed_commands_received_at_idx).
+SELECT (SELECT count(*) FROM mail.dead_letters WHERE created_at > now() - interval '1 hour') AS dead_letters,
+       (SELECT count(*) FROM mail.malformed_commands WHERE received_at > now() - interval '1 hour')
+           AS malformed_commands,
+       date_trunc('minute', now()) AS current_minute;
+
+-- name: outcome_rates
+-- Deliveries that reached a final status in each of the last %(minutes)s minutes (the current one
+-- included), by status: a range scan of the partial index deliveries_terminal_updated_at_idx.
+SELECT date_trunc('minute', updated_at) AS minute, status, count(*) AS n
+FROM mail.deliveries
+WHERE status IN ('sent', 'suppressed', 'failed', 'dead_letter', 'cancelled')
+  AND updated_at >= date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1)
+GROUP BY 1, 2
+ORDER BY 1, 2;
+
+-- name: lease_holders
+-- The instances holding leases now, through the partial index of in-flight rows.
+SELECT lease_owner AS instance_id, count(*) AS deliveries,
+       min(lease_started_at) AS oldest_lease_started_at, max(lease_expires_at) AS latest_lease_expires_at
+FROM mail.deliveries
+WHERE status = 'sending'
+GROUP BY lease_owner
+ORDER BY lease_owner;

@@ -86,7 +86,8 @@ def catalog(tmp_path: Path) -> Path:
 def test_binary_contents(binary: Path) -> None:
     names = zipfile.ZipFile(binary).namelist()
     for needed in ("mailtrio/sql/00001_init.sql", "mailtrio/sql/queries/core.sql",
-                   "mailtrio/api/delivery-commands-asyncapi.yaml", "mailtrio/http/openapi.py", "mailtrio/cli.py"):
+                   "mailtrio/api/delivery-commands-asyncapi.yaml", "mailtrio/http/openapi.py", "mailtrio/cli.py",
+                   "mailtrio/http/console_templates/base.html", "mailtrio/http/console_static/console.css"):
         assert any(n.endswith(needed) for n in names), needed
     assert any("psycopg_binary" in n and n.endswith(".so") for n in names)
     with open(binary, "rb") as f:
@@ -141,6 +142,11 @@ def test_smoke_path(binary: Path, outside: Path, catalog: Path, empty_database: 
         assert status == 404 and body["error"]["code"] == "not_found"
         status, body = proc.http("GET", "/api/v1/internal/openapi.json")
         assert status == 200 and body["openapi"].startswith("3.1")
+        # the console's templates and static files travel in the file
+        status, page = proc.http("GET", "/console")
+        assert status == 200 and "Schedule depth" in page
+        status, css = proc.http("GET", "/console/static/console.css")
+        assert status == 200 and "font" in css
 
         enqueued = run_cli(
             ["enqueue", "--source", "notification", "--template", "newsletter", "--locale", "fr-CA",

@@ -238,6 +238,8 @@ RULES: list[tuple[dict[str, str], str]] = [
     ({"MAIL_SMTP_TIMEOUT": "30"}, "MAIL_SMTP_TIMEOUT"),
     ({"MAIL_SMTP_TIMEOUT": "-1s"}, "MAIL_SMTP_TIMEOUT"),
     ({"MAIL_INTERNAL_HTTP_ADDR": "8080"}, "MAIL_INTERNAL_HTTP_ADDR"),
+    ({"MAIL_CONSOLE_SESSION_TTL": "12"}, "MAIL_CONSOLE_SESSION_TTL"),
+    ({"MAIL_CONSOLE_SESSION_TTL": "500ms"}, "MAIL_CONSOLE_SESSION_TTL"),
     ({"MAIL_SHUTDOWN_TIMEOUT": "soon"}, "MAIL_SHUTDOWN_TIMEOUT"),
     ({"MAIL_SHUTDOWN_TIMEOUT": "0"}, "MAIL_SHUTDOWN_TIMEOUT"),
     ({"MAIL_ATTEMPT_WORKER_CONCURRENCY": "0"}, "MAIL_ATTEMPT_WORKER_CONCURRENCY"),
@@ -301,9 +303,11 @@ def test_variables_table_lists_every_contract_variable() -> None:
         "MAIL_ATTEMPT_WORKER_CONCURRENCY", "MAIL_RETRY_LADDER", "MAIL_IDEMPOTENCY_TTL", "MAIL_RETENTION_PERIOD",
         "MAIL_RETENTION_INTERVAL", "MAIL_LOG_FORMAT", "MAIL_LOG_LEVEL",
     }
-    # extensions of the contract, documented in the README (outcome events)
-    contract |= {"MAIL_REDIS_EVENT_STREAM", "MAIL_REDIS_EVENT_STREAM_MAXLEN", "MAIL_REDIS_EVENT_STREAM_MAX_AGE",
-                 "MAIL_EVENTS_PUBLISHER", "MAIL_EVENT_OUTBOX_RETENTION"}
-    assert set(VARIABLES) == contract
+    # variables beyond the contract, each documented in the README
+    extensions = {"MAIL_CONSOLE_SESSION_TTL",
+                  # outcome events
+                  "MAIL_REDIS_EVENT_STREAM", "MAIL_REDIS_EVENT_STREAM_MAXLEN", "MAIL_REDIS_EVENT_STREAM_MAX_AGE",
+                  "MAIL_EVENTS_PUBLISHER", "MAIL_EVENT_OUTBOX_RETENTION"}
+    assert set(VARIABLES) == contract | extensions
     required = {n for n, (req, _, _) in VARIABLES.items() if req}
     assert required == {"MAIL_REDIS_MASTER_ADDR", "MAIL_POSTGRES_PRIMARY_DSN", "MAIL_TEMPLATE_DIR", "MAIL_SMTP_MODE"}
