@@ -245,6 +245,7 @@ def tail_entries(
         password=password or None,
         socket_connect_timeout=10,
         socket_timeout=block + CALL_TIMEOUT,
+        client_name="mailtrio:events-tail",
     )
     try:
         if after == "$":

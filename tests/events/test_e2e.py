@@ -121,3 +121,26 @@ def test_tail_reports_configuration_errors() -> None:
     done = subprocess.run([sys.executable, "-m", "mailtrio", "events", "tail"], env=env, capture_output=True,
                           text=True, timeout=30, cwd=str(ROOT))
     assert done.returncode == 2 and "MAIL_REDIS_MASTER_ADDR" in done.stderr
+
+
+def test_tail_from_now_prints_only_new_events(redis_client: redis.Redis, stream_key: str) -> None:
+    key = f"{stream_key}:events"
+    redis_client.xadd(key, {"event_id": "old", "event": "accepted"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAIL_")}
+    env.update(MAIL_REDIS_MASTER_ADDR=f"{redis_client.connection_pool.connection_kwargs['host']}:"
+                                      f"{redis_client.connection_pool.connection_kwargs['port']}",
+               MAIL_REDIS_EVENT_STREAM=key)
+    tail = subprocess.Popen([sys.executable, "-m", "mailtrio", "events", "tail", "--count", "1", "--timeout", "30"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        # the tail resolves `$` when it starts; entries added after that are printed
+        ev.wait_until(lambda: any(c.get("name") == "mailtrio:events-tail" and c.get("cmd") == "xread"
+                                  for c in redis_client.client_list()), timeout=20, what="the tail reading")
+        new_id = redis_client.xadd(key, {"event_id": "new", "event": "sent", "delivery_id": "d-1"}).decode()
+        out, err = tail.communicate(timeout=30)
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+    assert tail.returncode == 0, err
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"id": new_id, "event_id": "new", "event": "sent", "delivery_id": "d-1"}]
