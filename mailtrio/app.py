@@ -1,9 +1,11 @@
 """The service: startup in runbook order, one root nursery, bounded coordinated shutdown.
 
 Startup (CONTRACT §3): ping Redis, open the PostgreSQL pool and check schema `mail`, apply the
-embedded migrations under an advisory lock, parse the whole template catalog, and only then open
-the internal HTTP listener and start the command consumer, scheduler, attempt worker pool and
-retention worker.
+embedded migrations under an advisory lock, take the instance identity lock (one
+MAIL_INSTANCE_ID, one live process: see mailtrio.identity), parse the whole template catalog, and
+only then open the internal HTTP listener and start the command consumer, scheduler, attempt
+worker pool and retention worker. The identity lock is kept (and watched) until the very end; if
+another live process takes this identity meanwhile, the service stops and exits 1.
 
 Shutdown: the HTTP listener stops first; then the consumer, scheduler and retention worker are
 cancelled (the scheduler closing its send channel lets the workers drain); in-flight attempts get
@@ -25,6 +27,7 @@ from mailtrio import bridge, log, telemetry
 from mailtrio.catalog import Catalog, CatalogError
 from mailtrio.config import Settings
 from mailtrio.events import Publisher
+from mailtrio.identity import InstanceIdentity
 from mailtrio.intake import Consumer
 from mailtrio.retention import Retention
 from mailtrio.scheduler import Scheduler
@@ -61,6 +64,7 @@ async def run(
         stream = Stream(settings)
         db = Database(settings.postgres_dsn, settings.postgres_pool_size,
                       application_name=f"mailtrio:{settings.instance_id}")
+        identity = InstanceIdentity(db, settings.instance_id)
         # The startup steps stop at the budget's deadline, or at once on SIGTERM/SIGINT.
         startup = trio.CancelScope(deadline=trio.current_time() + max(1.0, STARTUP_BUDGET - _elapsed_since_start()))
         step = "redis"
@@ -81,22 +85,31 @@ async def run(
                     step = "migrations"
                     applied = await db.migrate()
                     _log.info("migrations applied", applied=applied)
+                    step = "instance identity"
+                    await identity.acquire()
                     step = "templates"
                     catalog = load_catalog(settings)
                     _log.info("template catalog parsed", templates=sorted(catalog.template_ids))
                 guard.cancel_scope.cancel()
         except BaseException:
+            await identity.release()
             await _close(stream, db, 1.0)
             raise
         if startup.cancelled_caught:
+            await identity.release()
             await _close(stream, db, 1.0)
             if shutdown_requested.is_set():
                 _log.info("startup interrupted by a shutdown request", step=step)
                 return
             raise StartupError(f"startup step {step!r} did not finish within {STARTUP_BUDGET:.0f}s")
         try:
-            await _serve(settings, stream, db, catalog, shutdown_requested, task_status)
+            async with trio.open_nursery() as keeper:
+                # Kept and watched to the end; IdentityConflict from it stops everything (exit 1).
+                await keeper.start(identity.run)
+                await _serve(settings, stream, db, catalog, identity, shutdown_requested, task_status)
+                keeper.cancel_scope.cancel()
         finally:
+            await identity.release()
             await _close(stream, db, 5.0)
 
 
@@ -105,6 +118,7 @@ async def _serve(
     stream: Stream,
     db: Database,
     catalog: Catalog,
+    identity: InstanceIdentity,
     shutdown_requested: trio.Event,
     task_status: trio.TaskStatus[Any],
 ) -> None:
@@ -114,8 +128,8 @@ async def _serve(
 
     provider = build_provider(settings)
     send, receive = trio.open_memory_channel[Any](0)
-    pool = WorkerPool(settings, db, catalog, provider, receive)
-    scheduler = Scheduler(settings, db, send, pool)
+    pool = WorkerPool(settings, db, catalog, provider, receive, identity=identity)
+    scheduler = Scheduler(settings, db, send, pool, identity=identity)
     consumer = Consumer(settings, stream, db, catalog)
     retention = Retention(settings, db)
     publisher = Publisher(settings, db)

@@ -138,6 +138,7 @@ class Settings:
     event_stream_max_age: float
     events_publisher: bool
     event_outbox_retention: float
+    max_interrupted: int = 3
     console_session_ttl: float = 12 * 3600.0
 
     @property
@@ -185,6 +186,8 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
     "MAIL_ATTEMPT_WORKER_CONCURRENCY": (False, "16", "attempt workers (fed through a bounded memory channel)"),
     "MAIL_RETRY_LADDER": (False, "1m,5m,15m,1h,4h", "delay before retry 1, 2, ...; a retryable failure after "
                           "the last step dead-letters"),
+    "MAIL_MAX_INTERRUPTED": (False, "3", "consecutive `interrupted` attempts (lease rescued, restart, shutdown "
+                             "put-back) after which a delivery is dead-lettered `repeatedly interrupted` (1-1000)"),
     "MAIL_IDEMPOTENCY_TTL": (False, "168h", "how long an idempotency reservation is kept"),
     "MAIL_RETENTION_PERIOD": (False, "720h", "age after which terminal rows are deleted"),
     "MAIL_RETENTION_INTERVAL": (False, "1h", "how often the retention worker runs"),
@@ -333,6 +336,8 @@ def _parse(env: Mapping[str, str]) -> Settings:
     if any(step < 0 for step in ladder):
         raise ConfigError("MAIL_RETRY_LADDER", "steps must not be negative")
 
+    max_interrupted = integer("MAIL_MAX_INTERRUPTED", 1, 1000)
+
     idempotency_ttl = duration("MAIL_IDEMPOTENCY_TTL")
     retention_period = duration("MAIL_RETENTION_PERIOD")
     retention_interval = duration("MAIL_RETENTION_INTERVAL")
@@ -396,6 +401,7 @@ def _parse(env: Mapping[str, str]) -> Settings:
         event_stream_max_age=event_max_age,
         events_publisher=publisher_raw == "on",
         event_outbox_retention=outbox_retention,
+        max_interrupted=max_interrupted,
         console_session_ttl=console_session_ttl,
     )
 

@@ -11,15 +11,25 @@ When nothing more is due the loop sleeps until the first of: a NOTIFY on `mail_s
 commits, deliveries put back), the earliest future `next_attempt_at` (so scheduled sends and
 retries fire on time), a retry this instance just scheduled, or the bounded poll interval.
 
-Lease rescue runs beside it: deliveries whose lease expired (their instance died) go back on the
-schedule with the unfinished attempt recorded `interrupted`; SKIP LOCKED makes exactly one
-instance rescue each. At startup, before the first claim, leases still held under this instance's
-own id (a previous run killed mid-attempt) are rescued the same way at once. Cancelled
+Lease rescue runs beside it: deliveries whose lease expired and whose owner is provably gone
+(no session holds its instance identity lock, see mailtrio.identity) go back on the schedule with
+the unfinished attempt recorded `interrupted`; SKIP LOCKED makes exactly one instance rescue each.
+At startup, once this process holds its own identity lock (which proves a previous run under the
+same MAIL_INSTANCE_ID gone) and before the first claim, leases still held under its id are
+rescued the same way at once. The MAIL_MAX_INTERRUPTED-th interrupted attempt in a row
+dead-letters the delivery (`repeatedly interrupted`) instead of putting it back.
+
+While the identity lock is not known held (its connection broke), nothing is claimed. Each claim
+reads the local monotonic clock before its statement is sent: the lease ends, by that clock, at
+most MAIL_SMTP_TIMEOUT + 15 s later, never after the database's expiry (see workers). Cancelled
 (shutdown), the scheduler stops claiming, gives back any claim it had not handed over yet and
 closes the channel so the workers drain.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -28,6 +38,9 @@ from mailtrio.config import Settings
 from mailtrio.store import Conn, Database
 from mailtrio.store import engine as store
 from mailtrio.workers import Job, Prepared, WorkerPool, release
+
+if TYPE_CHECKING:
+    from mailtrio.identity import InstanceIdentity
 
 _log = log.get("mailtrio.scheduler")
 
@@ -59,8 +72,12 @@ class Scheduler:
         db: Database,
         send_channel: trio.MemorySendChannel[Job],
         pool: WorkerPool,
+        *,
+        identity: InstanceIdentity | None = None,
     ) -> None:
         self.settings = settings
+        # Claims stop while the instance identity lock is not known held.
+        self.identity = identity
         self.db = db
         self.send_channel = send_channel
         self.pool = pool
@@ -134,7 +151,13 @@ class Scheduler:
         limit = max(0, min(limit, MAX_CLAIM))
         if limit == 0:
             return [], False
-        owner, lease, prepare = self.owner, self.settings.lease_seconds, self.pool.prepare_claims
+        if self.identity is not None and not self.identity.holds():
+            return [], False
+        # The lease's start on the local monotonic clock: read before the statement is sent, so
+        # the lease never ends later by this clock than by the database's.
+        lease_start = trio.current_time()
+        owner, lease = self.owner, self.settings.lease_seconds
+        prepare = functools.partial(self.pool.prepare_claims, lease_start=lease_start)
 
         async def _run(conn: Conn) -> tuple[Prepared, float | None]:
             return await store.claim_batch(conn, owner=owner, lease_seconds=lease, limit=limit, prepare=prepare)
@@ -144,7 +167,11 @@ class Scheduler:
         claimed = len(prepared.jobs) + len(prepared.failures)
         self.claimed += claimed
         self.render_failures += len(prepared.failures)
-        return prepared.sendable(), claimed < limit
+        jobs = prepared.sendable()
+        # Held from now until their outcome is written (a claim that failed halfway holds
+        # nothing: its leases expire and this instance's own rescue takes them back).
+        self.pool.held.update(job.claim.delivery_id for job in jobs)
+        return jobs, claimed < limit
 
     def _capacity_changed(self) -> None:
         self._capacity.set()
@@ -173,6 +200,12 @@ class Scheduler:
         async with trio.open_nursery() as nursery:
             while True:
                 available = await self._wait_capacity()
+                identity = self.identity
+                if identity is not None and not identity.holds():
+                    # Not provably the only process with this id: claim nothing until it is.
+                    with trio.move_on_after(POLL_INTERVAL):
+                        await identity.changed.wait()
+                    continue
                 if self._error:
                     self._error = False
                     await trio.sleep(backoff)
@@ -252,33 +285,49 @@ class Scheduler:
                            count=len(jobs), error=_one_line(exc))
 
     # -- lease rescue --------------------------------------------------------------------------------
+    def _rescued(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Count and report rescued deliveries; returns those dead-lettered."""
+        self.rescued += len(rows)
+        telemetry.attempt_outcomes.add(len(rows), {"status": "interrupted"})
+        dead = [r for r in rows if r.get("status") == "dead_letter"]
+        if dead:
+            telemetry.dead_letters.add(len(dead))
+            _log.warning(
+                "deliveries dead-lettered: repeatedly interrupted",
+                count=len(dead),
+                max_interrupted=self.settings.max_interrupted,
+                delivery_ids=[r["delivery_id"] for r in dead][:50],
+            )
+        return dead
+
     async def rescue_once(self) -> int:
-        rescuer = self.owner
+        rescuer, most = self.owner, self.settings.max_interrupted
+        held = sorted(self.pool.held)
 
         async def _rescue(conn: Conn) -> list[dict[str, object]]:
-            return await store.rescue_expired(conn, rescuer=rescuer)
+            return await store.rescue_expired(conn, rescuer=rescuer, max_interrupted=most, held=held)
 
         with trio.fail_after(QUERY_TIMEOUT):
             rows = await self.db.run(_rescue)
         if rows:
-            self.rescued += len(rows)
+            self._rescued(rows)
             _log.warning(
                 "expired leases rescued; deliveries back on the schedule",
                 count=len(rows),
                 delivery_ids=[r["delivery_id"] for r in rows][:50],
                 lease_owners=sorted({str(r["instance_id"]) for r in rows}),
             )
-            telemetry.attempt_outcomes.add(len(rows), {"status": "interrupted"})
             self.wake()
         return len(rows)
 
     async def _rescue_previous_run(self) -> None:
-        """Before the first claim: what a previous run under this MAIL_INSTANCE_ID left `sending`
-        (it was killed mid-attempt) goes back on the schedule now rather than at lease expiry."""
-        owner = self.owner
+        """Before the first claim (and after the identity lock was taken, which proves a previous
+        run under this MAIL_INSTANCE_ID gone): what that run left `sending` (it was killed
+        mid-attempt) goes back on the schedule now rather than at lease expiry."""
+        owner, most = self.owner, self.settings.max_interrupted
 
         async def _rescue(conn: Conn) -> list[dict[str, object]]:
-            return await store.rescue_own_leases(conn, owner=owner)
+            return await store.rescue_own_leases(conn, owner=owner, max_interrupted=most)
 
         rows: list[dict[str, object]] = []
         try:
@@ -293,8 +342,7 @@ class Scheduler:
                          error=_one_line(exc))
             return
         if rows:
-            self.rescued += len(rows)
-            telemetry.attempt_outcomes.add(len(rows), {"status": "interrupted"})
+            self._rescued(rows)
             _log.warning(
                 "leases of a previous run of this instance rescued; deliveries back on the schedule",
                 count=len(rows),

@@ -13,21 +13,40 @@ stored content.
 
 Each worker owns one provider session (for SMTP: one persistent connection) and runs one attempt
 at a time: build the message (the delivery's own Message-ID on every attempt), send it under a
-cancel scope of MAIL_SMTP_TIMEOUT, classify, and hand the outcome to the recorder. The recorder
-writes whatever is queued at once, in one multi-row statement (group commit): the window between
-the server's 250 and the durable record stays one commit long while many workers share each
-round trip. Every write is fenced on this instance's lease.
+cancel scope, classify, and hand the outcome to the recorder. The recorder writes whatever is
+queued at once, in one multi-row statement (group commit): the window between the server's 250
+and the durable record stays one commit long while many workers share each round trip. Every
+write is fenced on this instance's lease.
+
+No send without time on the lease. The lease's end is known on the local monotonic clock, read
+before the claim statement was sent (so it is never later than the database's). An SMTP
+transaction's deadline is the earlier of MAIL_SMTP_TIMEOUT and the lease's end minus
+LEASE_MARGIN. A worker that finds less than MIN_SEND_SECONDS of that left (the process was
+stopped or stalled between claim and send), or finds the instance identity lock lost, gives the
+delivery back unsent: due now, no attempt counted. The session asks again right before MAIL FROM
+and right before the message content (providers.base: lease check), so a process resumed after
+its lease ended never starts either for that delivery.
+
+An attempt's failure stays inside that attempt. Any exception while decoding a claimed row,
+rendering, building or sending one delivery is logged once with its traceback (`attempt
+crashed`) and ends that attempt only: a deterministic failure (the row cannot be decoded, the
+message cannot be built: UnicodeError, RecursionError, a render or content error) fails the
+delivery with a status_reason saying why (`decode_failed: ...`, `render_failed: ...`,
+`build_failed: ...`); anything else is recorded `transport_failed` and retried on the ladder.
 
 Shutdown: the pool returns once the channel is closed and every in-flight attempt is recorded.
 If its cancel scope is cancelled (the shutdown deadline), running attempts are recorded
-`interrupted` and their deliveries put back on the schedule at once (shielded, short deadline).
+`interrupted` and their deliveries put back on the schedule at once (shielded, short deadline);
+the MAIL_MAX_INTERRUPTED-th interrupted attempt in a row dead-letters the delivery instead.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import trio
 from opentelemetry import trace
@@ -41,6 +60,9 @@ from mailtrio.providers.base import AttemptStatus, Envelope, Phase, Provider, Se
 from mailtrio.store import Database, TransientError
 from mailtrio.store import engine as store
 
+if TYPE_CHECKING:
+    from mailtrio.identity import InstanceIdentity
+
 _log = log.get("mailtrio.workers")
 
 # Bound on the shielded clean-up of a cancelled attempt (record it, put it back).
@@ -49,6 +71,13 @@ CLEANUP_SECONDS = 1.5
 WRITE_TIMEOUT = 15.0
 # Outcomes queued beyond this many per worker make workers wait for the recorder.
 BACKLOG_PER_WORKER = 4
+# An SMTP transaction ends at the latest this long before the lease does (clock-rate drift, the
+# outcome's write).
+LEASE_MARGIN = 5.0
+# A delivery with less than this left of its send window is given back unsent.
+MIN_SEND_SECONDS = 1.0
+# Failures that the same input would cause again: the delivery fails instead of retrying.
+DETERMINISTIC: tuple[type[BaseException], ...] = (UnicodeError, RecursionError, RenderError, message.ContentError)
 
 _propagator = TraceContextTextMapPropagator()
 _RETRY_WRITE: tuple[type[BaseException], ...] = (*TransientError, trio.TooSlowError)
@@ -63,8 +92,26 @@ class Job:
     addressing: message.Addressing
     # The attempt span, started at the claim (the render span is its child); the worker ends it.
     span: Span
-    # trio time at the claim (the lease started then)
+    # trio time right before the claim statement was sent (the lease started after it)
     claimed_at: float = 0.0
+    # trio time at which the lease ends (claimed_at + the lease's length)
+    lease_end: float = math.inf
+
+
+def send_window(lease_end: float, now: float, smtp_timeout: float) -> float:
+    """Seconds an SMTP transaction started `now` may take: MAIL_SMTP_TIMEOUT, or less when the
+    lease (minus LEASE_MARGIN) ends sooner. Below MIN_SEND_SECONDS the delivery is given back."""
+    return min(smtp_timeout, lease_end - LEASE_MARGIN - now)
+
+
+def is_deterministic(exc: BaseException) -> bool:
+    """Would the same delivery fail the same way again?"""
+    return isinstance(exc, DETERMINISTIC)
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message` on one line, bounded."""
+    return f"{type(exc).__name__}: {_one_line(exc)}"[:500]
 
 
 # -- rendering --------------------------------------------------------------------------------------
@@ -174,10 +221,13 @@ class Recorder:
     the pool is being cancelled.
     """
 
-    def __init__(self, db: Database, owner: str, *, backlog: int) -> None:
+    def __init__(self, db: Database, owner: str, *, backlog: int,
+                 on_final: Callable[[Sequence[str]], None] | None = None) -> None:
         self.db = db
         self.owner = owner
         self.backlog = backlog
+        # Called with the delivery ids of outcomes whose write is over (durable, or given up).
+        self.on_final = on_final
         self._pending = _Batch()
         self._wake = trio.Event()
         self._room = trio.Event()
@@ -196,10 +246,19 @@ class Recorder:
         self._pending.items.append((item, after))
         self._wake.set()
 
-    async def write_now(self, finishes: Sequence[store.Finish]) -> set[str]:
-        """Write outcomes directly, outside the queue (claims given back, cancelled attempts)."""
+    async def write_now(self, finishes: Sequence[store.Finish], *, final: bool = True) -> set[str]:
+        """Write outcomes directly, outside the queue (claims given back, cancelled attempts).
+        `final`: no retry follows, whatever happens (the deliveries are no longer held)."""
         owner = self.owner
-        return await self.db.run(lambda conn: store.finish_attempts(conn, owner=owner, items=finishes))
+        try:
+            return await self.db.run(lambda conn: store.finish_attempts(conn, owner=owner, items=finishes))
+        finally:
+            if final:
+                self._final(finishes)
+
+    def _final(self, items: Sequence[store.Finish]) -> None:
+        if self.on_final is not None:
+            self.on_final([item.delivery_id for item in items])
 
     def shorten(self, seconds: float) -> None:
         """Bound the write in flight to `seconds` from now: the pool is being cancelled."""
@@ -240,7 +299,7 @@ class Recorder:
             scope.deadline = trio.current_time() + WRITE_TIMEOUT
             self._inflight = scope
             try:
-                return await self.write_now(items)
+                return await self.write_now(items, final=False)
             finally:
                 self._inflight = None
         raise trio.TooSlowError(f"outcome write did not finish within {WRITE_TIMEOUT:.0f}s")
@@ -289,6 +348,7 @@ class Recorder:
         finally:
             self.flushes += 1
             self.written += len(items)
+            self._final(items)
             for item, after in batch.items:
                 ok = item.delivery_id in batch.ok
                 if not ok and not batch.failed:
@@ -309,15 +369,24 @@ class WorkerPool:
         catalog: Catalog,
         provider: Provider,
         receive_channel: trio.MemoryReceiveChannel[Job],
+        *,
+        identity: InstanceIdentity | None = None,
     ) -> None:
         self.settings = settings
+        # The instance identity lock: no SMTP transaction starts while it is not known held.
+        self.identity = identity
         self.db = db
         self.catalog = catalog
         self.provider = provider
         self.provider_name = getattr(provider, "name", "?")
         self.receive_channel = receive_channel
         self.size = settings.worker_concurrency
-        self.recorder = Recorder(db, settings.instance_id, backlog=BACKLOG_PER_WORKER * self.size)
+        # Deliveries this process holds a claim on and has not recorded an outcome for yet: the
+        # lease rescue leaves them to this process, even once their lease expired (it gives them
+        # back itself); any other expired lease of its own is rescued like a dead instance's.
+        self.held: set[str] = set()
+        self.recorder = Recorder(db, settings.instance_id, backlog=BACKLOG_PER_WORKER * self.size,
+                                 on_final=self.forget)
         self.sender = message.Address.from_value(settings.smtp_from)
         self._idle = 0
         # Called with the delay (s) of every retry this instance schedules (the scheduler's timer).
@@ -325,32 +394,67 @@ class WorkerPool:
         # Called whenever the number of idle workers changes (the scheduler's capacity).
         self.on_idle_change: Callable[[], None] | None = None
         self.attempts = 0
+        # deliveries given back unsent (too little lease left), attempts that crashed
+        self.released_unsent = 0
+        self.crashed = 0
 
     # -- what the scheduler sees ------------------------------------------------------------------
     @property
     def idle(self) -> int:
         return self._idle
 
+    def forget(self, delivery_ids: Sequence[str]) -> None:
+        """These deliveries are no longer held (their outcome is written, or given up)."""
+        for delivery_id in delivery_ids:
+            self.held.discard(delivery_id)
+
     def _set_idle(self, delta: int) -> None:
         self._idle += delta
         if self.on_idle_change is not None:
             self.on_idle_change()
 
-    def prepare_claims(self, claims: Sequence[store.Claim]) -> Prepared:
+    def prepare_claims(
+        self,
+        claims: Sequence[store.Claim],
+        broken: Sequence[store.Undecodable] = (),
+        *,
+        lease_start: float | None = None,
+    ) -> Prepared:
         """Render (or load) the content of claimed deliveries, between the claim statement and
-        the content write (store.claim_batch). Synchronous and pure CPU."""
+        the content write (store.claim_batch). Synchronous and pure CPU. `lease_start`: the trio
+        time read before the claim statement was sent. Each delivery is prepared on its own: an
+        exception fails (or retries) that delivery alone, never the batch."""
         out = Prepared()
-        claimed_at = trio.current_time()
+        claimed_at = trio.current_time() if lease_start is None else lease_start
+        lease_end = claimed_at + self.settings.lease_seconds
+        for bad in broken:
+            out.failures.append(self._undecodable(bad))
         for claim in claims:
-            span = telemetry.tracer.start_span(
-                "attempt",
-                links=_producer_links(claim.traceparent),
-                attributes={
-                    "mail.delivery_id": claim.delivery_id,
-                    "mail.source": claim.source,
-                    "mail.attempt_no": claim.attempt_count + 1,
-                },
-            )
+            try:
+                job, write = self._prepare_one(claim, claimed_at, lease_end, out)
+            except Exception as exc:
+                out.failures.append(self._prepare_crashed(claim, exc))
+                continue
+            if job is None:
+                continue
+            if write is not None:
+                out.contents.append(write)
+            out.jobs.append(job)
+        return out
+
+    def _prepare_one(
+        self, claim: store.Claim, claimed_at: float, lease_end: float, out: Prepared
+    ) -> tuple[Job | None, store.ContentWrite | None]:
+        span = telemetry.tracer.start_span(
+            "attempt",
+            links=_producer_links(claim.traceparent),
+            attributes={
+                "mail.delivery_id": claim.delivery_id,
+                "mail.source": claim.source,
+                "mail.attempt_no": claim.attempt_count + 1,
+            },
+        )
+        try:
             # Child spans are started and ended explicitly (no context switch: nothing logs inside).
             render_span = None if claim.rendered else telemetry.tracer.start_span(
                 "render", context=trace.set_span_in_context(span),
@@ -363,24 +467,73 @@ class WorkerPool:
                     render_span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
                     render_span.end()
                 out.failures.append(self._render_failed(claim, str(exc), span))
-                continue
+                return None, None
+            except BaseException as exc:
+                if render_span is not None:
+                    render_span.set_status(Status(StatusCode.ERROR, describe(exc)[:200]))
+                    render_span.end()
+                raise
             if render_span is not None:
                 render_span.set_attribute("mail.resolved_locale", content.locale)
                 render_span.end()
+            write = None
             if not claim.rendered:
-                out.contents.append(
-                    store.ContentWrite(
-                        delivery_id=claim.delivery_id,
-                        lease_started_at=claim.lease_started_at,
-                        subject=content.subject,
-                        text_body=content.text,
-                        html_body=content.html,
-                        headers=dict(content.headers),
-                        resolved_locale=content.locale,
-                    )
+                write = store.ContentWrite(
+                    delivery_id=claim.delivery_id,
+                    lease_started_at=claim.lease_started_at,
+                    subject=content.subject,
+                    text_body=content.text,
+                    html_body=content.html,
+                    headers=dict(content.headers),
+                    resolved_locale=content.locale,
                 )
-            out.jobs.append(Job(claim, content, addressing, span, claimed_at))
-        return out
+        except BaseException as exc:
+            span.set_status(Status(StatusCode.ERROR, describe(exc)[:200]))
+            span.end()
+            raise
+        return Job(claim, content, addressing, span, claimed_at, lease_end), write
+
+    def _undecodable(self, bad: store.Undecodable) -> store.Finish:
+        """A claimed row that cannot be decoded: it fails alone."""
+        reason = f"decode_failed: the stored delivery cannot be decoded: {describe(bad.error)}"[:1000]
+        _log.error("attempt crashed", delivery_id=bad.delivery_id, source=bad.source, phase="decode",
+                   delivery_status="failed", error=describe(bad.error), exc_info=bad.error)
+        return store.Finish(
+            delivery_id=bad.delivery_id,
+            lease_started_at=bad.lease_started_at,
+            status="failed",
+            status_reason=reason,
+            attempt_status=None,
+            elapsed_ms=0,
+            provider_summary=None,
+            details=None,
+            retry_ms=None,
+            ladder_step=bad.ladder_step,
+        )
+
+    def _prepare_crashed(self, claim: store.Claim, exc: Exception) -> store.Finish:
+        """Rendering a claimed delivery raised something other than a render error."""
+        if is_deterministic(exc):
+            reason = f"render_failed: {describe(exc)}"[:1000]
+            _log.error("attempt crashed", delivery_id=claim.delivery_id, source=claim.source, phase="render",
+                       delivery_status="failed", error=describe(exc), exc_info=exc)
+            return store.Finish(
+                delivery_id=claim.delivery_id,
+                lease_started_at=claim.lease_started_at,
+                status="failed",
+                status_reason=reason,
+                attempt_status=None,
+                elapsed_ms=0,
+                provider_summary=None,
+                details=None,
+                retry_ms=None,
+                ladder_step=claim.ladder_step,
+            )
+        report = _crash_report(exc, Phase.BUILD, "render")
+        finish = self._finish_for(claim, report, elapsed_ms=0, resolved_locale=None)
+        _log.error("attempt crashed", delivery_id=claim.delivery_id, source=claim.source, phase="render",
+                   delivery_status=finish.status, error=describe(exc), exc_info=exc)
+        return finish
 
     def _render_failed(self, claim: store.Claim, reason: str, span: Span) -> store.Finish:
         summary = f"render_failed: {reason}"[:1000]
@@ -430,53 +583,144 @@ class WorkerPool:
                     return
                 finally:
                     self._set_idle(-1)
-                await self._attempt(session, job)
+                try:
+                    await self._attempt(session, job)
+                except Exception as exc:
+                    # Never reached in practice (_attempt contains its own failures); if it were,
+                    # this worker goes on and the delivery's lease expires and is rescued.
+                    _log.error("attempt crashed", delivery_id=job.claim.delivery_id, phase="record",
+                               error=describe(exc), exc_info=exc)
+                    with trio.move_on_after(2.0):
+                        await session.abort()
         finally:
             # QUIT politely, but never past the pool's own deadline (a cancelled close aborts).
             with trio.move_on_after(2.0):
                 await session.close()
 
     # -- one attempt ----------------------------------------------------------------------------------
+    def _lease_ok(self, job: Job) -> bool:
+        """The lease check (providers.base): time left before the lease's end minus the margin,
+        and the identity lock held."""
+        if self.identity is not None and not self.identity.holds():
+            return False
+        return trio.current_time() < job.lease_end - LEASE_MARGIN
+
     async def _attempt(self, session: Session, job: Job) -> None:
-        claim = job.claim
         self.attempts += 1
         with trace.use_span(job.span, end_on_exit=True):
             try:
-                addressing = job.addressing
-                data = message.build(addressing, job.content, message_id=claim.message_id,
-                                     date=datetime.now(UTC))
-                recipients = addressing.envelope_recipients()
-                envelope = Envelope(
-                    sender=addressing.envelope_sender(),
-                    recipients=recipients,
-                    source=claim.source,
-                    delivery_id=claim.delivery_id,
-                    message_id=claim.message_id,
-                    smtputf8=addressing.needs_smtputf8(recipients),
-                )
-                report = await self._send(session, envelope, data)
+                report = await self._build_and_send(session, job)
             except trio.Cancelled:
                 self.recorder.shorten(CLEANUP_SECONDS)
                 await self._cancelled(session, job)
                 raise
+            if report is None:
+                return
+            if report.released:
+                await self._release_unsent(job, report.summary)
+                return
             await self._record(job, report)
 
-    async def _send(self, session: Session, envelope: Envelope, data: bytes) -> SendReport:
+    async def _build_and_send(self, session: Session, job: Job) -> SendReport | None:
+        """The attempt up to the provider's report; None when it ended otherwise (given back,
+        or failed for good before sending)."""
+        claim = job.claim
+        window = send_window(job.lease_end, trio.current_time(), self.settings.smtp_timeout)
+        if window < MIN_SEND_SECONDS or (self.identity is not None and not self.identity.holds()):
+            left = job.lease_end - trio.current_time()
+            why = ("the instance identity lock is lost" if window >= MIN_SEND_SECONDS
+                   else f"the lease had {left:.1f}s left" if left > 0 else f"the lease ended {-left:.1f}s ago")
+            await self._release_unsent(job, f"not sent: {why}")
+            return None
+        try:
+            addressing = job.addressing
+            data = message.build(addressing, job.content, message_id=claim.message_id,
+                                 date=datetime.now(UTC))
+            recipients = addressing.envelope_recipients()
+            envelope = Envelope(
+                sender=addressing.envelope_sender(),
+                recipients=recipients,
+                source=claim.source,
+                delivery_id=claim.delivery_id,
+                message_id=claim.message_id,
+                smtputf8=addressing.needs_smtputf8(recipients),
+                lease_ok=lambda: self._lease_ok(job),
+            )
+        except Exception as exc:
+            await self._crashed(job, exc, "build")
+            return None
+        try:
+            return await self._send(session, envelope, data, window)
+        except Exception as exc:
+            # The session's state is unknown: start the next attempt on a new connection.
+            with trio.move_on_after(2.0):
+                await session.abort()
+            report = await self._crashed(job, exc, "send")
+            return report
+
+    async def _crashed(self, job: Job, exc: Exception, stage: str) -> SendReport | None:
+        """An exception ended this attempt (and nothing else): log it once with its traceback;
+        a deterministic failure fails the delivery (None), anything else becomes a
+        `transport_failed` report, retried on the ladder."""
+        claim = job.claim
+        self.crashed += 1
+        job.span.set_status(Status(StatusCode.ERROR, describe(exc)[:200]))
+        if not is_deterministic(exc):
+            _log.error("attempt crashed", delivery_id=claim.delivery_id, source=claim.source, phase=stage,
+                       delivery_status="retried on the ladder", error=describe(exc), exc_info=exc)
+            return _crash_report(exc, Phase.BUILD if stage == "build" else Phase.MESSAGE, stage)
+        reason = f"{stage}_failed: the message cannot be {'built' if stage == 'build' else 'sent'}: {describe(exc)}"
+        _log.error("attempt crashed", delivery_id=claim.delivery_id, source=claim.source, phase=stage,
+                   delivery_status="failed", error=describe(exc), exc_info=exc)
+        finish = store.Finish(
+            delivery_id=claim.delivery_id,
+            lease_started_at=claim.lease_started_at,
+            status="failed",
+            status_reason=reason[:1000],
+            attempt_status=None,
+            elapsed_ms=_elapsed_ms(job),
+            provider_summary=None,
+            details=None,
+            retry_ms=None,
+            ladder_step=claim.ladder_step,
+            resolved_locale=job.content.locale,
+        )
+        job.span.set_attribute("mail.delivery_status", "failed")
+        await self.recorder.finish(finish)
+        return None
+
+    async def _release_unsent(self, job: Job, why: str) -> None:
+        """Give the delivery back unsent (no attempt counted): due now, for whoever claims next."""
+        claim = job.claim
+        self.released_unsent += 1
+        job.span.set_attribute("mail.given_back", True)
+        _log.warning("delivery given back unsent", delivery_id=claim.delivery_id, source=claim.source,
+                     reason=why, lease_left_s=round(job.lease_end - trio.current_time(), 3),
+                     identity_held=self.identity is None or self.identity.holds())
+        await self.recorder.finish(release(claim, job.content.locale))
+
+    async def _send(self, session: Session, envelope: Envelope, data: bytes, window: float | None = None) -> SendReport:
         timeout = self.settings.smtp_timeout
+        bound = timeout if window is None else min(timeout, window)
         start = trio.current_time()
         span = telemetry.tracer.start_span(
             "smtp send", attributes={"mail.recipients": len(envelope.recipients), "mail.provider": self.provider_name}
         )
         try:
-            with trio.move_on_after(timeout) as scope:
+            with trio.move_on_after(bound) as scope:
                 report = await session.send(envelope, data)
             if scope.cancelled_caught:
                 await session.abort()
+                if bound < timeout:
+                    summary = (f"timed out after {format_duration(bound)}: the lease's end came first "
+                               f"(MAIL_SMTP_TIMEOUT {format_duration(timeout)})")
+                else:
+                    summary = f"timed out after {format_duration(timeout)} (MAIL_SMTP_TIMEOUT)"
                 report = SendReport(
                     AttemptStatus.TIMED_OUT,
-                    f"timed out after {format_duration(timeout)} (MAIL_SMTP_TIMEOUT)",
+                    summary,
                     Phase.CONNECT,
-                    extra={"timeout_s": timeout},
+                    extra={"timeout_s": round(bound, 3)},
                 )
             elapsed_ms = (trio.current_time() - start) * 1000.0
             telemetry.send_duration_ms.record(elapsed_ms, {"provider": self.provider_name})
@@ -487,8 +731,10 @@ class WorkerPool:
         finally:
             span.end()
 
-    async def _record(self, job: Job, report: SendReport) -> None:
-        claim = job.claim
+    def _finish_for(
+        self, claim: store.Claim, report: SendReport, *, elapsed_ms: int, resolved_locale: str | None
+    ) -> store.Finish:
+        """The outcome of an attempt that ended with `report`, with its step on the ladder."""
         step = retry.next_step(
             report.status,
             suppressed=report.suppressed,
@@ -498,20 +744,33 @@ class WorkerPool:
         attempt_no = claim.attempt_count + 1
         dead_reason = retry.dead_letter_reason(attempt_no, report.summary) if step.dead_letter else None
         retry_ms = None if step.retry_delay is None else round(step.retry_delay * 1000)
-        finish = store.Finish(
+        return store.Finish(
             delivery_id=claim.delivery_id,
             lease_started_at=claim.lease_started_at,
             status=step.delivery_status,
             status_reason=None if step.delivery_status == "sent" else report.summary,
             attempt_status=str(report.status),
-            elapsed_ms=_elapsed_ms(job),
+            elapsed_ms=elapsed_ms,
             provider_summary=report.summary,
             details=report.details(),
             retry_ms=retry_ms,
             ladder_step=step.ladder_step,
             dead_reason=dead_reason,
-            resolved_locale=job.content.locale,
+            resolved_locale=resolved_locale,
         )
+
+    async def _record(self, job: Job, report: SendReport) -> None:
+        claim = job.claim
+        step = retry.next_step(
+            report.status,
+            suppressed=report.suppressed,
+            ladder_step=claim.ladder_step,
+            ladder=self.settings.retry_ladder,
+        )
+        attempt_no = claim.attempt_count + 1
+        finish = self._finish_for(claim, report, elapsed_ms=_elapsed_ms(job), resolved_locale=job.content.locale)
+        if report.extra.get("crashed"):
+            job.span.set_attribute("mail.crashed", str(report.extra["crashed"]))
         job.span.set_attribute("mail.attempt_status", str(report.status))
         job.span.set_attribute("mail.delivery_status", step.delivery_status)
         fields = {
@@ -563,24 +822,14 @@ class WorkerPool:
             raise
 
     async def _cancelled(self, session: Session, job: Job) -> None:
-        """The attempt was cancelled (shutdown deadline): record it and put the delivery back."""
+        """The attempt was cancelled (shutdown deadline): record it and put the delivery back,
+        or dead-letter it when this is its MAIL_MAX_INTERRUPTED-th interrupted attempt in a row."""
         claim = job.claim
         with trio.move_on_after(CLEANUP_SECONDS) as scope:
             scope.shield = True
             await session.abort()
-            finish = store.Finish(
-                delivery_id=claim.delivery_id,
-                lease_started_at=claim.lease_started_at,
-                status="rendered",
-                status_reason="interrupted: the instance stopped mid-attempt",
-                attempt_status=str(AttemptStatus.INTERRUPTED),
-                elapsed_ms=_elapsed_ms(job),
-                provider_summary="interrupted: shutdown deadline reached, outcome unknown",
-                details={"phase": "shutdown"},
-                retry_ms=0,
-                ladder_step=claim.ladder_step,
-                resolved_locale=job.content.locale,
-            )
+            finish = interrupted_finish(claim, self.settings.max_interrupted, elapsed_ms=_elapsed_ms(job),
+                                        resolved_locale=job.content.locale)
             try:
                 done = await self.recorder.write_now([finish])
             except Exception as exc:
@@ -589,11 +838,57 @@ class WorkerPool:
                 return
             if claim.delivery_id in done:
                 telemetry.attempt_outcomes.add(1, {"status": str(AttemptStatus.INTERRUPTED)})
-                _log.info("attempt interrupted by shutdown; delivery back on the schedule",
-                          delivery_id=claim.delivery_id)
+                if finish.status == "dead_letter":
+                    telemetry.dead_letters.add(1)
+                    _log.warning("delivery dead-lettered: repeatedly interrupted", delivery_id=claim.delivery_id,
+                                 interrupted=claim.interrupted_streak + 1)
+                else:
+                    _log.info("attempt interrupted by shutdown; delivery back on the schedule",
+                              delivery_id=claim.delivery_id)
         if scope.cancelled_caught:
             _log.error("putting a cancelled attempt back timed out; its lease will expire",
                        delivery_id=claim.delivery_id)
+
+
+def repeatedly_interrupted(count: int) -> str:
+    """The status_reason and dead-letter reason of a delivery interrupted `count` times in a row
+    (the same text as engine.sql's rescue_leases)."""
+    return f"repeatedly interrupted: {count} consecutive attempts interrupted, outcome unknown"
+
+
+def interrupted_finish(
+    claim: store.Claim, max_interrupted: int, *, elapsed_ms: int, resolved_locale: str | None
+) -> store.Finish:
+    """An attempt cut short at the shutdown deadline: back on the schedule due now, or
+    dead-lettered when it makes `max_interrupted` interrupted attempts in a row."""
+    streak = claim.interrupted_streak + 1
+    dead = streak >= max_interrupted
+    reason = repeatedly_interrupted(streak) if dead else "interrupted: the instance stopped mid-attempt"
+    return store.Finish(
+        delivery_id=claim.delivery_id,
+        lease_started_at=claim.lease_started_at,
+        status="dead_letter" if dead else "rendered",
+        status_reason=reason,
+        attempt_status=str(AttemptStatus.INTERRUPTED),
+        elapsed_ms=elapsed_ms,
+        provider_summary="interrupted: shutdown deadline reached, outcome unknown",
+        details={"phase": "shutdown"},
+        retry_ms=None if dead else 0,
+        ladder_step=claim.ladder_step,
+        dead_reason=reason if dead else None,
+        resolved_locale=resolved_locale,
+    )
+
+
+def _crash_report(exc: BaseException, phase: Phase, stage: str) -> SendReport:
+    """An attempt that crashed for a reason that may not recur: `transport_failed`, retried."""
+    unknown = ", outcome unknown" if stage == "send" else ""
+    return SendReport(
+        AttemptStatus.TRANSPORT_FAILED,
+        f"attempt crashed during {stage}{unknown}: {describe(exc)}"[:1000],
+        phase,
+        extra={"crashed": type(exc).__name__},
+    )
 
 
 def release(claim: store.Claim, resolved_locale: str | None = None) -> store.Finish:

@@ -2,15 +2,22 @@
 
 A provider hands one message to the outside world. The attempt workers each open their own
 `Session` (for SMTP: one persistent connection per worker) and call `send` once per attempt,
-inside the cancel scope that bounds the attempt by MAIL_SMTP_TIMEOUT. A session never raises for
-what the server or the network did: it returns a `SendReport` whose `status` is already one of the
-contract's attempt statuses. Only cancellation propagates.
+inside the cancel scope that bounds the attempt by MAIL_SMTP_TIMEOUT (or the lease's end, if
+earlier). A session never raises for what the server or the network did: it returns a `SendReport`
+whose `status` is already one of the contract's attempt statuses. Only cancellation propagates.
+
+The lease check: `Envelope.lease_ok`, when given, is asked right before the transaction starts
+(`MAIL FROM`) and right before the message content is written (after `DATA` was answered 354).
+When it says no (the lease has too little time left: the process was stopped or stalled, or its
+identity lock is lost), the session sends nothing more for this delivery, drops the connection if
+a transaction was open (without the final dot, so the server discards it) and returns
+`SendReport.unsent(...)`: nothing was handed over, and no attempt is counted.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -29,8 +36,10 @@ class AttemptStatus(StrEnum):
 
 
 class Phase(StrEnum):
-    """Where in an SMTP session a reply or failure happened."""
+    """Where in an SMTP session a reply or failure happened (BUILD: before any, the message
+    could not be built)."""
 
+    BUILD = "build"
     CONNECT = "connect"
     GREETING = "greeting"
     EHLO = "ehlo"
@@ -96,6 +105,11 @@ class Envelope:
     delivery_id: str
     message_id: str
     smtputf8: bool = False
+    # True while the lease leaves time to start MAIL FROM / the message content (see above).
+    lease_ok: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
+
+    def may_proceed(self) -> bool:
+        return self.lease_ok is None or self.lease_ok()
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,14 @@ class SendReport:
     # True when the message bytes may have reached the server (DATA content was written).
     handed_over: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # True when the lease check stopped the send before anything was handed over: the delivery
+    # is given back unsent and no attempt is counted (`status` is then only nominal).
+    released: bool = False
+
+    @classmethod
+    def unsent(cls, phase: Phase, why: str) -> SendReport:
+        """Nothing was sent: the lease check said no before `phase`."""
+        return cls(AttemptStatus.TIMED_OUT, f"not sent: {why}", phase, released=True)
 
     def details(self) -> dict[str, Any]:
         out: dict[str, Any] = {"phase": str(self.phase)}

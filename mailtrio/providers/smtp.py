@@ -349,6 +349,10 @@ class SmtpSession:
             options.append(f"SIZE={len(message)}")
         mail_line = f"MAIL FROM:{sender}" + "".join(f" {o}" for o in options)
         commands = [mail_line] + [f"RCPT TO:{r}" for r in rcpts] + ["DATA"]
+        if not envelope.may_proceed():
+            # Checked here explicitly, not only through the cancel scope: a process resumed after
+            # its lease ended never starts a transaction for that delivery.
+            return SendReport.unsent(Phase.MAIL, "the lease check failed before MAIL FROM")
 
         if conn.supports("PIPELINING"):
             try:
@@ -389,6 +393,11 @@ class SmtpSession:
         if data.code != 354:
             return await self._refused(Phase.DATA, data, rcpt_replies)
 
+        if not envelope.may_proceed():
+            # The lease ran short between MAIL FROM and the content: drop the connection without
+            # the final dot, so the server discards the transaction.
+            await self._drop()
+            return SendReport.unsent(Phase.DATA, "the lease check failed before the message content")
         body = _DOT_RE.sub(b"..", message)
         if not body.endswith(b"\r\n"):
             body += b"\r\n"

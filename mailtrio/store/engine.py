@@ -17,6 +17,10 @@ from mailtrio.store import Conn
 from mailtrio.store.queries import q
 
 
+def _json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
 @dataclass(frozen=True)
 class Claim:
     """A delivery claimed under this instance's lease, with everything an attempt needs."""
@@ -42,9 +46,17 @@ class Claim:
     html_body: str | None
     headers: dict[str, str] | None
     rendered: bool
+    # consecutive `interrupted` attempts so far (MAIL_MAX_INTERRUPTED)
+    interrupted_streak: int = 0
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claim:
+        """Decode one claimed row (its JSON columns arrive as text, see claim_due). Raises for a
+        row that cannot be decoded (e.g. RecursionError for JSON nested past the recursion
+        limit); see Undecodable."""
+        payload = _json(row["payload"])
+        recipients = _json(row["recipients"])
+        headers = _json(row["headers"])
         return cls(
             delivery_id=row["delivery_id"],
             source=row["source"],
@@ -52,7 +64,7 @@ class Claim:
             template_id=row["template_id"],
             locale=row["locale"],
             resolved_locale=row["resolved_locale"],
-            recipients=row["recipients"] or {},
+            recipients=recipients if isinstance(recipients, dict) else {},
             message_id=row["message_id"],
             attempt_count=row["attempt_count"],
             ladder_step=row["ladder_step"],
@@ -60,13 +72,50 @@ class Claim:
             lease_started_at=row["lease_started_at"],
             priority=row["prio"],
             due=row["due"],
-            payload=row["payload"] if isinstance(row["payload"], dict) else {},
+            payload=payload if isinstance(payload, dict) else {},
             subject=row["subject"],
             text_body=row["text_body"],
             html_body=row["html_body"],
-            headers=row["headers"],
+            headers=headers if isinstance(headers, dict) else None,
             rendered=row["rendered_at"] is not None,
+            interrupted_streak=row.get("interrupted_streak") or 0,
         )
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A claimed row that Claim.from_row could not decode: it fails alone (the rest of its batch
+    goes on), fenced on its lease like any other outcome."""
+
+    delivery_id: str
+    source: str
+    lease_started_at: datetime
+    attempt_count: int
+    ladder_step: int
+    error: BaseException
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], error: BaseException) -> Undecodable:
+        return cls(
+            delivery_id=row["delivery_id"],
+            source=row["source"],
+            lease_started_at=row["lease_started_at"],
+            attempt_count=row["attempt_count"],
+            ladder_step=row["ladder_step"],
+            error=error,
+        )
+
+
+def decode_claims(rows: Sequence[dict[str, Any]]) -> tuple[list[Claim], list[Undecodable]]:
+    """Decode claimed rows one by one: a row that cannot be decoded never takes its batch along."""
+    claims: list[Claim] = []
+    broken: list[Undecodable] = []
+    for row in rows:
+        try:
+            claims.append(Claim.from_row(row))
+        except Exception as exc:  # RecursionError, ValueError, ...: this row alone
+            broken.append(Undecodable.from_row(row, exc))
+    return claims, broken
 
 
 @dataclass(frozen=True)
@@ -173,24 +222,25 @@ def _claim_sql(limit: int) -> str:
 
 
 async def claim_due(conn: Conn, *, owner: str, lease_seconds: float, limit: int) -> list[Claim]:
-    claims, _ = await claim_due_and_next(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
+    claims, _, _ = await claim_due_and_next(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
     return claims
 
 
 async def claim_due_and_next(
     conn: Conn, *, owner: str, lease_seconds: float, limit: int
-) -> tuple[list[Claim], float | None]:
+) -> tuple[list[Claim], list[Undecodable], float | None]:
     """Claim due deliveries and, in the same round trip, read when the next one falls due
-    (seconds from now, by the database clock; None when nothing waits)."""
+    (seconds from now, by the database clock; None when nothing waits). Rows that cannot be
+    decoded come back apart, still claimed."""
     async with conn.pipeline():
         cur = await conn.execute(_claim_sql(limit), {"owner": owner, "lease_seconds": lease_seconds})
         due = await conn.execute(q("next_due"))
     rows = await cur.fetchall()
     row = await due.fetchone()
-    claims = [Claim.from_row(r) for r in rows]
+    claims, broken = decode_claims(rows)
     claims.sort(key=lambda c: (c.priority, c.due or c.lease_started_at, c.delivery_id))
     wait = None if row is None or row["wait_s"] is None else float(row["wait_s"])
-    return claims, wait
+    return claims, broken, wait
 
 
 class ClaimPreparation(Protocol):
@@ -211,11 +261,12 @@ async def claim_batch(
     owner: str,
     lease_seconds: float,
     limit: int,
-    prepare: Callable[[list[Claim]], P],
+    prepare: Callable[[list[Claim], list[Undecodable]], P],
 ) -> tuple[P, float | None]:
     """Claim due deliveries (with the wait until the next one is due, see claim_due_and_next),
-    then store what `prepare` rendered for them and fail those it could
-    not render: two round trips, the second pipelined.
+    then store what `prepare` rendered for them and fail those it could not render or decode
+    (`prepare` gets the decoded claims and the rows that could not be decoded): two round trips,
+    the second pipelined.
 
     The claim commits on its own and synchronously: a lease that reached disk is what lets a
     rescue record an `interrupted` attempt if this instance dies mid-send. The content write is
@@ -224,8 +275,8 @@ async def claim_batch(
     with the next synchronous commit (the attempt's outcome). Only a PostgreSQL crash in between
     could drop it, and then the lease expires and the next claim renders the same payload again.
     """
-    claims, wait = await claim_due_and_next(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
-    prepared = prepare(claims)
+    claims, broken, wait = await claim_due_and_next(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
+    prepared = prepare(claims, broken)
     prepared.stored = set()
     if prepared.contents or prepared.failures:
         cur = None
@@ -262,16 +313,58 @@ async def finish_attempts(conn: Conn, *, owner: str, items: Sequence[Finish]) ->
     return {r["delivery_id"] for r in await cur.fetchall()}
 
 
-async def rescue_expired(conn: Conn, *, rescuer: str, limit: int = 500) -> list[dict[str, Any]]:
-    """Put deliveries with an expired lease back on the schedule; returns (delivery_id, instance_id)."""
-    cur = await conn.execute(q("rescue_leases"), {"owner": None, "rescuer": rescuer, "limit": limit})
+async def rescue_expired(
+    conn: Conn, *, rescuer: str, max_interrupted: int = 3, held: Sequence[str] = (), limit: int = 500
+) -> list[dict[str, Any]]:
+    """Put deliveries whose lease expired and whose owner is gone (its identity lock is free)
+    back on the schedule, or dead-letter those interrupted `max_interrupted` times in a row;
+    returns (delivery_id, instance_id, status, status_reason) per delivery. The rescuer's own
+    expired leases are rescued too, except those it still `held` (it gives them back itself)."""
+    cur = await conn.execute(q("rescue_leases"), {"owner": None, "rescuer": rescuer, "limit": limit,
+                                                  "max_interrupted": max_interrupted, "held": list(held)})
     return list(await cur.fetchall())
 
 
-async def rescue_own_leases(conn: Conn, *, owner: str, limit: int = 500) -> list[dict[str, Any]]:
-    """Before the first claim: put back what a previous run of this instance left `sending`."""
-    cur = await conn.execute(q("rescue_leases"), {"owner": owner, "rescuer": owner, "limit": limit})
+async def rescue_own_leases(
+    conn: Conn, *, owner: str, max_interrupted: int = 3, limit: int = 500
+) -> list[dict[str, Any]]:
+    """Right after taking the identity lock, before the first claim: put back what a previous run
+    of this instance left `sending` (rows as rescue_expired)."""
+    cur = await conn.execute(q("rescue_leases"), {"owner": owner, "rescuer": owner, "limit": limit,
+                                                  "max_interrupted": max_interrupted, "held": []})
     return list(await cur.fetchall())
+
+
+# -- the instance identity lock (one MAIL_INSTANCE_ID, one live process) ---------------------------
+
+
+async def identity_lock(conn: Conn, *, instance_id: str) -> tuple[bool, int]:
+    """Try the session-level identity lock on this connection: (acquired, this backend's pid)."""
+    cur = await conn.execute(q("identity_lock"), {"instance_id": instance_id})
+    row = await cur.fetchone()
+    assert row is not None
+    return bool(row["acquired"]), int(row["pid"])
+
+
+async def identity_holder(conn: Conn, *, instance_id: str) -> dict[str, Any] | None:
+    """The session holding an instance's identity lock (pid, application_name, backend_start,
+    client_addr), or None when it is free."""
+    cur = await conn.execute(q("identity_holder"), {"instance_id": instance_id})
+    return await cur.fetchone()
+
+
+async def identity_probe(conn: Conn) -> None:
+    await conn.execute(q("identity_probe"))
+
+
+async def identity_release(conn: Conn, *, instance_id: str) -> None:
+    await conn.execute(q("identity_release"), {"instance_id": instance_id})
+
+
+async def terminate_backend(conn: Conn, *, pid: int) -> bool:
+    cur = await conn.execute(q("terminate_backend"), {"pid": pid})
+    row = await cur.fetchone()
+    return bool(row and row["terminated"])
 
 
 async def notify_schedule(conn: Conn) -> None:

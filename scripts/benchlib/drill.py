@@ -1,10 +1,13 @@
 """mailtrio fault drill: prove that nothing is lost and nothing is duplicated without cause.
 
 Three `mailtrio serve` instances share one stream and one database. A producer XADDs the command
-mix (10% repeated idempotency keys, 2% malformed, 10% scheduled a few seconds ahead) at a steady
-rate while the drill SIGKILLs a random instance every few seconds and starts it again, restarts
-Redis once (SIGKILL, AOF replay) and PostgreSQL once (immediate shutdown, WAL replay), then
-SIGTERMs every instance, starts them once more and waits until everything has drained.
+mix (10% repeated idempotency keys, 2% malformed, 10% scheduled a few seconds ahead, and a few
+poison commands: a non-ASCII local part that the message builder may not represent) at a steady
+rate while the drill SIGKILLs a random instance every few seconds and starts it again, stops one
+instance with SIGSTOP for longer than a lease and continues it (SIGCONT), restarts Redis once
+(SIGKILL, AOF replay) and takes PostgreSQL down for longer than a lease (immediate shutdown, WAL
+replay), then SIGTERMs every instance, starts them once more and waits until everything has
+drained.
 
 The drill runs its own `redis-server` (AOF on, `appendfsync always`: see harness.PrivateRedis)
 and its own PostgreSQL cluster (`initdb` into a temporary directory) on free loopback ports, and
@@ -14,7 +17,9 @@ DATA on 1% of transactions, every accepted message recorded with its Message-ID 
     scripts/drill [--small] [--json FILE] [--keep]
 
 Exit status 0 when lost = 0, unexplained duplicates = 0, pending = 0, every malformed command
-is recorded with the expected code and nothing unexpected reached the SMTP server.
+is recorded with the expected code, every poison command ended final (failed, or sent once),
+nothing unexpected reached the SMTP server, and every instance that was not deliberately killed
+was alive at the end (none exited on its own).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -55,7 +61,12 @@ class Plan:
     rate: float
     kill_every: tuple[float, float]
     redis_restart_at: float
-    pg_restart_at: float
+    pg_restart_at: float  # well after chaos_until: an instance relaunched by a kill is up by then
+    pg_down_for: float  # longer than a lease
+    stop_at: float  # SIGSTOP of one instance ...
+    stop_for: float  # ... for longer than a lease, then SIGCONT
+    poison: int  # commands whose `to` has a non-ASCII local part
+    settle_s: float  # after the database is back: the instances recover before the coordinated stop
     chaos_until: float  # seconds after the producer started; kills stop then
     workers: int
     smtp_timeout: str
@@ -64,12 +75,27 @@ class Plan:
     drain_cap: float  # seconds the final drain may take at most
 
 
-FULL = Plan(commands=20_000, rate=800.0, kill_every=(3.0, 6.0), redis_restart_at=8.0, pg_restart_at=16.0,
-            chaos_until=26.0, workers=8, smtp_timeout="3s", lease_s=18.0, ladder="500ms,1s,2s,3s,4s,5s",
-            drain_cap=1200.0)
-SMALL = Plan(commands=600, rate=150.0, kill_every=(1.5, 2.5), redis_restart_at=1.2, pg_restart_at=2.6,
-             chaos_until=4.0, workers=4, smtp_timeout="3s", lease_s=18.0, ladder="200ms,500ms,1s,2s,3s",
-             drain_cap=180.0)
+FULL = Plan(commands=20_000, rate=800.0, kill_every=(3.0, 6.0), redis_restart_at=8.0, pg_restart_at=36.0,
+            pg_down_for=21.0, stop_at=5.0, stop_for=21.0, poison=20, settle_s=10.0, chaos_until=26.0, workers=8,
+            smtp_timeout="3s", lease_s=18.0, ladder="500ms,1s,2s,3s,4s,5s", drain_cap=1200.0)
+SMALL = Plan(commands=600, rate=150.0, kill_every=(1.5, 2.5), redis_restart_at=1.2, pg_restart_at=23.0,
+             pg_down_for=21.0, stop_at=1.0, stop_for=21.0, poison=4, settle_s=8.0, chaos_until=4.0, workers=4,
+             smtp_timeout="3s", lease_s=18.0, ladder="200ms,500ms,1s,2s,3s", drain_cap=180.0)
+
+
+def poison_commands(run: str, count: int, start: int) -> list[dict[str, str]]:
+    """Well-formed commands (RFC 6531 allows a non-ASCII local part) that a message builder
+    without SMTPUTF8 support cannot build: each must end final without disturbing anything."""
+    out = []
+    for i in range(start, start + count):
+        entry = commands.command(run, i)
+        entry["delivery_id"] = f"{run}-p{i}"
+        entry["idempotency_key"] = f"{run}-key-p{i}"
+        payload = json.loads(entry["payload"])
+        payload["to"] = [f"jos\u00e9{i}@example.com"]
+        entry["payload"] = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+        out.append(entry)
+    return out
 
 
 class Producer(threading.Thread):
@@ -131,6 +157,10 @@ class Drill:
         self.generation: dict[str, int] = {}
         self.unexpected_exits: list[dict[str, Any]] = []
         self.sigterm_exits: list[dict[str, Any]] = []
+        self.paused: str | None = None  # the slot stopped with SIGSTOP right now
+        self.pause_done = threading.Event()
+        self.alive_at_end: dict[str, bool] = {}
+        self.poison_ids: set[str] = set()
 
     def event(self, what: str, **kw: Any) -> None:
         rec = {"t": round(time.time() - self.t0, 2), "event": what, **kw}
@@ -207,6 +237,25 @@ class Drill:
                     restarts_left[0] -= 1
                     self.launch(slot, wait=False)
 
+    def pause(self, slot: str) -> None:
+        """SIGSTOP the instance in `slot` for `stop_for` seconds (longer than a lease), then
+        SIGCONT it: it must send nothing under the leases that ended meanwhile, and live on."""
+        serve = self.instances[slot]
+        pid = serve.pid
+        self.paused = slot
+        try:
+            self.event("SIGSTOP", slot=slot, pid=pid, for_s=self.plan.stop_for)
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(self.plan.stop_for)
+        except ProcessLookupError:
+            pass
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+            self.event("SIGCONT", slot=slot, pid=pid)
+            self.paused = None
+            self.pause_done.set()
+
     # --- the run -----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -221,6 +270,10 @@ class Drill:
         mix = commands.mix("dr", p.commands, dup_ratio=0.10, malformed_ratio=0.02, seed=self.args.seed,
                            auth_ratio=0.2, scheduled_ratio=0.10, schedule_window=(2.0, 6.0),
                            headers_for_id=True)
+        poison = poison_commands("dr", p.poison, p.commands)
+        self.poison_ids = {e["delivery_id"] for e in poison}
+        for entry in poison:
+            mix.entries.insert(self.rnd.randrange(len(mix.entries) + 1), entry)
         start = time.time() + 0.2
         mix.assign_send_at(start, p.rate)
         time.sleep(max(0.0, start - time.time()))
@@ -233,22 +286,32 @@ class Drill:
         next_kill = time.monotonic() + self.rnd.uniform(*p.kill_every)
         redis_at = time.monotonic() + p.redis_restart_at
         pg_at = time.monotonic() + p.pg_restart_at
-        redis_done = pg_done = False
+        stop_at = time.monotonic() + p.stop_at
+        hard_end += p.pg_down_for + p.stop_for
+        redis_done = pg_done = stop_started = False
+        pg_back = math.inf
         restarts_left = [20]
         while time.monotonic() < hard_end:
             now = time.monotonic()
-            if not redis_done and now >= redis_at:
+            if not stop_started and now >= stop_at:
+                slot = self.rnd.choice(sorted(self.instances))
+                threading.Thread(target=self.pause, args=(slot,), name="pause", daemon=True).start()
+                stop_started = True
+            elif not redis_done and now >= redis_at:
                 self.event("redis: SIGKILL")
                 self.redis.restart(down_for=1.0)
                 self.event("redis: restarted from the AOF")
                 redis_done = True
             elif not pg_done and now >= pg_at:
-                self.event("postgres: immediate shutdown")
-                self.pg.restart(down_for=1.0)
+                # longer than a lease: every instance loses its identity lock and its leases run
+                # out while it waits for the database
+                self.event("postgres: immediate shutdown", down_for_s=p.pg_down_for)
+                self.pg.restart(down_for=p.pg_down_for)
                 self.event("postgres: restarted (WAL recovery)")
                 pg_done = True
+                pg_back = time.monotonic()
             elif now >= next_kill and now < chaos_end:
-                slot = self.rnd.choice(sorted(self.instances))
+                slot = self.rnd.choice(sorted(s for s in self.instances if s != self.paused))
                 victim = self.instances[slot]
                 self.event("SIGKILL", slot=slot, pid=victim.pid)
                 victim.kill()
@@ -256,7 +319,8 @@ class Drill:
                 self.launch(slot, wait=False)
                 next_kill = time.monotonic() + self.rnd.uniform(*p.kill_every)
             self.supervise(restarts_left)
-            if not producer.is_alive() and now >= chaos_end and redis_done and pg_done:
+            if (not producer.is_alive() and now >= chaos_end and redis_done and pg_done
+                    and self.pause_done.is_set() and now >= pg_back + p.settle_s):
                 break
             time.sleep(0.05)
         producer.join(timeout=max(1.0, hard_end - time.monotonic()))
@@ -270,11 +334,17 @@ class Drill:
         for serve in self.instances.values():
             with contextlib.suppress(HarnessError):
                 serve.wait_ready(30)
+        # Every instance not deliberately killed is still the one started for its slot, alive.
+        self.alive_at_end = {slot: serve.alive() for slot, serve in sorted(self.instances.items())}
+        self.event("instances alive before the coordinated stop", **self.alive_at_end)
         self.stop_all_graceful()
 
         # Restart once more and drain.
         for slot in ("a", "b", "c"):
             self.launch(slot, wait=False)
+        for serve in self.instances.values():  # up (signal handlers installed) before any stop
+            with contextlib.suppress(HarnessError):
+                serve.wait_ready(40)
         stall_bound = p.lease_s + 30.0
         drained = self.wait_drained(mix, stall_bound, p.drain_cap)
         self.event("drain finished" if drained else "drain bound reached", stall_bound_s=stall_bound,
@@ -305,7 +375,7 @@ class Drill:
         a lease, so rescue of a dead instance's deliveries counts as progress still to come), and
         after `cap` seconds whatever happens.
         """
-        ids = sorted(mix.expected_ids)
+        ids = sorted(mix.expected_ids | self.poison_ids)
         deadline = time.monotonic() + cap
         last_progress = time.monotonic()
         last_seen: tuple[Any, ...] = ()
@@ -330,6 +400,23 @@ class Drill:
         return False
 
     # --- the verdict -------------------------------------------------------------------------
+
+    LOG_EVENTS = ("attempt crashed", "delivery given back unsent", "expired leases rescued; deliveries back on the "
+                  "schedule", "instance identity lock lost; claiming and sending stop until it is re-acquired",
+                  "instance identity lock re-acquired", "deliveries dead-lettered: repeatedly interrupted")
+
+    def log_counts(self) -> dict[str, int]:
+        """How often the instances said what the faults should make them say."""
+        counts: Counter[str] = Counter()
+        for path in sorted(self.workdir.glob("serve-*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    event = json.loads(line).get("event")
+                except ValueError:
+                    continue
+                if event in self.LOG_EVENTS:
+                    counts[event] += 1
+        return {e: counts[e] for e in self.LOG_EVENTS}
 
     def analyse(self, mix: commands.Mix, producer: Producer, drained: bool) -> dict[str, Any]:
         accepted: Counter[str] = Counter()
@@ -357,6 +444,9 @@ class Drill:
         dead_letters = int(harness.query_one(dsn, "SELECT count(*) FROM mail.dead_letters"))
 
         expected = mix.expected_ids
+        poison = self.poison_ids
+        poison_final = sum(1 for d in poison if status.get(d) in TERMINAL)
+        poison_sent_twice = sorted(d for d in poison if accepted[d] > 1)
         once = sum(1 for d in expected if accepted[d] == 1)
         dups = {d: accepted[d] for d in expected if accepted[d] > 1}
         unexplained = {d: {"accepted": n, "attempts": dict(attempts[d])} for d, n in dups.items()
@@ -364,7 +454,7 @@ class Drill:
         pending = sorted(d for d in expected if accepted[d] == 0 and status.get(d) in WAITING)
         lost = sorted(d for d in expected if accepted[d] == 0 and status.get(d) not in WAITING)
         sent_not_seen = sorted(d for d in expected if accepted[d] == 0 and status.get(d) == "sent")
-        unexpected = sorted(d for d in accepted if d not in expected)
+        unexpected = sorted(d for d in accepted if d not in expected and d not in poison)
         split_message_id = sorted(d for d, mids in message_ids.items() if len(mids) > 1)
         early = sorted(d for d, due in mix.send_at.items() if d in first_accept and first_accept[d] < due - 0.05)
 
@@ -394,6 +484,10 @@ class Drill:
             "malformed_rows": len(malformed_rows),
             "malformed_wrong_code": len(wrong_code),
             "well_formed_quarantined": len(good_quarantined),
+            "poison_commands": len(poison),
+            "poison_final": poison_final,
+            "poison_sent": sum(1 for d in poison if accepted[d] >= 1),
+            "poison_sent_twice": len(poison_sent_twice),
             "unexpected_at_server": len(unexpected),
             "marked_sent_never_accepted": len(sent_not_seen),
             "message_id_changed_between_attempts": len(split_message_id),
@@ -404,6 +498,8 @@ class Drill:
             "seconds": round(time.time() - self.t0, 1),
             "sigterm_exits": self.sigterm_exits,
             "unexpected_exits": self.unexpected_exits,
+            "alive_at_end": self.alive_at_end,
+            "log_events": self.log_counts(),
             "status_counts": dict(Counter(status.values())),
             "samples": {"lost": lost[:10], "pending": pending[:10], "unexplained": dict(list(unexplained.items())[:10]),
                         "wrong_code": wrong_code[:10], "quarantined": good_quarantined[:10],
@@ -412,10 +508,17 @@ class Drill:
         }
         result["ok"] = (result["lost"] == 0 and result["unexplained_duplicates"] == 0 and result["pending"] == 0
                         and recorded == len(mix.malformed_ids) and not wrong_code and not good_quarantined
-                        and not unexpected and not split_message_id and not producer.failed)
+                        and not unexpected and not split_message_id and not producer.failed
+                        and poison_final == len(poison) and not poison_sent_twice
+                        and bool(self.alive_at_end) and all(self.alive_at_end.values())
+                        and not self.unexpected_exits)
         return result
 
     def close(self, *, keep: bool) -> None:
+        for serve in self.instances.values():  # a stopped process could not stop
+            if serve.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(serve.pid, signal.SIGCONT)
         self.procs.stop_all()
         if keep:
             print(f"drill files kept in {self.workdir}", file=sys.stderr)
@@ -438,13 +541,21 @@ def report(r: dict[str, Any]) -> str:
         ("malformed recorded / expected", f"{r['malformed_recorded']} / {r['malformed_expected']}"),
         ("malformed with the wrong code", r["malformed_wrong_code"]),
         ("well-formed commands quarantined", r["well_formed_quarantined"]),
+        ("poison commands final / sent", f"{r['poison_final']} / {r['poison_sent']} of {r['poison_commands']}"),
         ("unexpected messages at the server", r["unexpected_at_server"]),
         ("scheduled sent early", r["scheduled_sent_early"]),
         ("dead letters", r["dead_letters"]),
         ("server: accepted/deferred/dropped",
          f"{r['server'].get('accepted', 0)} / {r['server'].get('deferred', 0)} / {r['server'].get('dropped', 0)}"),
         ("instance exits on SIGTERM (code)", ", ".join(str(e["code"]) for e in r["sigterm_exits"])),
+        ("instances alive at the end (not killed)",
+         f"{sum(r['alive_at_end'].values())} / {len(r['alive_at_end'])}"),
         ("instances that exited on their own", len(r["unexpected_exits"])),
+        ("attempts crashed (contained)", r["log_events"]["attempt crashed"]),
+        ("deliveries given back unsent (lease)", r["log_events"]["delivery given back unsent"]),
+        ("identity locks lost / re-acquired",
+         f"{r['log_events']['instance identity lock lost; claiming and sending stop until it is re-acquired']} / "
+         f"{r['log_events']['instance identity lock re-acquired']}"),
         ("drill seconds (setup to verdict)", r["seconds"]),
         ("verdict", "PASS" if r["ok"] else "FAIL"),
     ]

@@ -49,7 +49,8 @@ SELECT status FROM mail.deliveries WHERE delivery_id = %(delivery_id)s;
 
 -- name: delivery_retry
 -- Back on the schedule with a fresh ladder, in one conditional statement: only a failed or
--- dead-lettered delivery matches, and its dead-letter entry goes in the same statement.
+-- dead-lettered delivery matches, and its dead-letter entry goes in the same statement. The count
+-- of consecutive interrupted attempts starts again too (MAIL_MAX_INTERRUPTED).
 WITH retried AS (
     UPDATE mail.deliveries d
     SET status = CASE WHEN EXISTS (SELECT 1 FROM mail.payloads p
@@ -57,6 +58,7 @@ WITH retried AS (
                       THEN 'rendered' ELSE 'queued' END,
         status_reason = NULL,
         ladder_step = 0,
+        interrupted_streak = 0,
         next_attempt_at = now(),
         schedule_entered_at = now(),
         updated_at = now()

@@ -27,6 +27,9 @@ def test_small_drill_loses_nothing_and_duplicates_nothing_unexplained(tmp_path: 
     assert "SIGKILL" in events
     assert "redis: restarted from the AOF" in events
     assert "postgres: restarted (WAL recovery)" in events
+    assert "SIGSTOP" in events and "SIGCONT" in events
+    assert r["poison_commands"] > 0 and r["poison_final"] == r["poison_commands"], summary
+    assert r["poison_sent_twice"] == 0, summary
     assert r["server"].get("deferred", 0) > 0, summary
 
     assert r["deliveries_expected"] > 0
@@ -38,6 +41,8 @@ def test_small_drill_loses_nothing_and_duplicates_nothing_unexplained(tmp_path: 
     assert r["malformed_wrong_code"] == 0 and r["well_formed_quarantined"] == 0, summary
     assert r["unexpected_at_server"] == 0 and r["message_id_changed_between_attempts"] == 0, summary
     assert r["scheduled_sent_early"] == 0, summary
-    # a graceful stop is a clean exit
+    # a graceful stop is a clean exit; nothing but the deliberate kills ended an instance
     assert all(e["code"] == 0 for e in r["sigterm_exits"]), r["sigterm_exits"]
+    assert r["alive_at_end"] and all(r["alive_at_end"].values()), summary
+    assert r["unexpected_exits"] == [], summary
     assert r["ok"] and done.returncode == 0, summary

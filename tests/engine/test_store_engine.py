@@ -33,7 +33,7 @@ class Prep:
     claims: list[store.Claim] = field(default_factory=list)
 
 
-def render_all(claims: list[store.Claim]) -> Prep:
+def render_all(claims: list[store.Claim], broken: list[store.Undecodable] | None = None) -> Prep:
     prep = Prep(claims=claims)
     for c in claims:
         if c.rendered:

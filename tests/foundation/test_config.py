@@ -248,6 +248,8 @@ RULES: list[tuple[dict[str, str], str]] = [
     ({"MAIL_RETRY_LADDER": "1m,5"}, "MAIL_RETRY_LADDER"),
     ({"MAIL_RETRY_LADDER": "1m,-5m"}, "MAIL_RETRY_LADDER"),
     ({"MAIL_RETRY_LADDER": "1m,-"}, "MAIL_RETRY_LADDER"),
+    ({"MAIL_MAX_INTERRUPTED": "0"}, "MAIL_MAX_INTERRUPTED"),
+    ({"MAIL_MAX_INTERRUPTED": "three"}, "MAIL_MAX_INTERRUPTED"),
     ({"MAIL_IDEMPOTENCY_TTL": "7d"}, "MAIL_IDEMPOTENCY_TTL"),
     ({"MAIL_RETENTION_PERIOD": "30d"}, "MAIL_RETENTION_PERIOD"),
     ({"MAIL_RETENTION_INTERVAL": "hourly"}, "MAIL_RETENTION_INTERVAL"),
@@ -304,7 +306,7 @@ def test_variables_table_lists_every_contract_variable() -> None:
         "MAIL_RETENTION_INTERVAL", "MAIL_LOG_FORMAT", "MAIL_LOG_LEVEL",
     }
     # variables beyond the contract, each documented in the README
-    extensions = {"MAIL_CONSOLE_SESSION_TTL",
+    extensions = {"MAIL_CONSOLE_SESSION_TTL", "MAIL_MAX_INTERRUPTED",
                   # outcome events
                   "MAIL_REDIS_EVENT_STREAM", "MAIL_REDIS_EVENT_STREAM_MAXLEN", "MAIL_REDIS_EVENT_STREAM_MAX_AGE",
                   "MAIL_EVENTS_PUBLISHER", "MAIL_EVENT_OUTBOX_RETENTION"}

@@ -10,6 +10,7 @@ scripted per recipient address (regular expressions, first match wins):
     rcpt552                   552 5.3.4 on RCPT (temporary per RFC 5321)
     data_defer / data_reject / data_suppress   the same after DATA
     stall                     wait `stall_s` after the message before answering (past the client's timeout)
+    slow_rcpt                 wait `delay_s` before answering RCPT (250), i.e. before DATA
     drop                      read the message, then close the connection without a reply
 
 A rule may carry `times`: it applies to the first N transactions for a matching address, after
@@ -98,7 +99,10 @@ class _Handler:
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
         rule = self._rule_for(address)
-        if rule is not None and rule["action"] in RCPT_REPLIES:
+        if rule is not None and rule["action"] == "slow_rcpt":
+            self._use(rule, address)
+            await asyncio.sleep(float(rule.get("delay_s", 1)))
+        elif rule is not None and rule["action"] in RCPT_REPLIES:
             self._use(rule, address)
             reply = RCPT_REPLIES[rule["action"]]
             self._write({"event": "rcpt_refused", "address": address, "reply": reply})
@@ -120,7 +124,7 @@ class _Handler:
         }
         for address in envelope.rcpt_tos:
             rule = self._rule_for(address)
-            if rule is None or rule["action"] in RCPT_REPLIES or rule["action"] == "accept":
+            if rule is None or rule["action"] in RCPT_REPLIES or rule["action"] in ("accept", "slow_rcpt"):
                 continue
             action = rule["action"]
             self._use(rule, address)
