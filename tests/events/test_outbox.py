@@ -142,6 +142,17 @@ async def test_interrupted_attempts_are_deferred_events(db: Database, database: 
     assert ev["fields"]["reason"] == "interrupted: the instance stopped mid-attempt"
 
 
+async def test_repeated_interruptions_dead_letter_with_their_events(db: Database, database: str) -> None:
+    h.insert(database, [h.delivery("crashy")])
+    for _ in range(2):
+        await claim(db, owner="gone", lease=0.0)
+        await db.run(lambda conn: store.rescue_expired(conn, rescuer="other", max_interrupted=2))
+    assert kinds(database, "crashy") == ["accepted", "deferred", "dead_letter"]
+    final = events(database, "crashy")[-1]["fields"]
+    assert final["attempt_status"] == "interrupted" and final["attempt_no"] == "2"
+    assert final["status"] == "dead_letter" and final["reason"]
+
+
 async def test_render_failure_is_a_failed_event(db: Database, database: str) -> None:
     h.insert(database, [h.delivery("r")])
     c = await claim(db)
