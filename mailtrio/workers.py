@@ -42,6 +42,7 @@ the MAIL_MAX_INTERRUPTED-th interrupted attempt in a row dead-letters the delive
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -634,8 +635,7 @@ class WorkerPool:
             return None
         try:
             addressing = job.addressing
-            data = message.build(addressing, job.content, message_id=claim.message_id,
-                                 date=datetime.now(UTC))
+            data = await build_message(addressing, job.content, claim.message_id)
             recipients = addressing.envelope_recipients()
             envelope = Envelope(
                 sender=addressing.envelope_sender(),
@@ -848,6 +848,17 @@ class WorkerPool:
         if scope.cancelled_caught:
             _log.error("putting a cancelled attempt back timed out; its lease will expire",
                        delivery_id=claim.delivery_id)
+
+
+async def build_message(addressing: message.Addressing, content: message.Content, message_id: str) -> bytes:
+    """`message.build`, in a worker thread when the content is large (encoding megabytes takes
+    tens of milliseconds, which the event loop must not wait for); inline otherwise."""
+    date = datetime.now(UTC)
+    if message.content_octets(content) <= message.OFF_LOOP_OCTETS:
+        return message.build(addressing, content, message_id=message_id, date=date)
+    return await trio.to_thread.run_sync(
+        functools.partial(message.build, addressing, content, message_id=message_id, date=date)
+    )
 
 
 def repeatedly_interrupted(count: int) -> str:
