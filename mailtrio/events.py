@@ -118,6 +118,11 @@ class Publisher:
         self._stopping.set()
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + max(0.0, within))
 
+    def cancel(self) -> None:
+        """Stop at once (a second shutdown signal): what is unpublished waits in the outbox."""
+        self._stopping.set()
+        self._scope.cancel()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         _log.info(
             "event publisher started",
