@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_enqueue_parser(sub)
+    from mailtrio.events_cli import add_events_parser
+
+    add_events_parser(sub)
     return parser
 
 

@@ -175,6 +175,13 @@ def _schemas() -> dict[str, Any]:
         "MalformedCommand": malformed,
         "MalformedCommandPage": page("MalformedCommand"),
         "Schedule": schedule,
+        "EventOutbox": _obj({
+            "depth": {**_COUNT, "description": "delivery events written but not yet published to the "
+                                               "event stream"},
+            "oldest_age_ms": {**_COUNT, "description": "age of the oldest unpublished event (0 when none)"},
+            "publisher": {**_nullable(_STR), "description": "MAIL_INSTANCE_ID of the instance publishing "
+                                                             "now; null when none holds the publisher lock"},
+        }),
     }
 
 
@@ -288,6 +295,11 @@ def document(prefix: str, *, bearer: bool) -> dict[str, Any]:
             "operationId": "getSchedule",
             "summary": "The attempt schedule: depth, age of the oldest waiting delivery, counts by status",
             "responses": {**_ok(200, "Schedule", "the schedule summary"), **_errors()},
+        }},
+        "/events/outbox": {"get": {
+            "operationId": "getEventOutbox",
+            "summary": "The outbox of delivery events: unpublished depth, oldest age, the publishing instance",
+            "responses": {**_ok(200, "EventOutbox", "the outbox summary"), **_errors()},
         }},
         "/openapi.json": {"get": {
             "operationId": "getOpenApi",
