@@ -379,12 +379,19 @@ def test_long_header_values_are_folded_and_decode_equal(interop: Run) -> None:
     assert copy.msg["X-Long-Token"] == LONG_HEADER
 
 
-@pytest.mark.xfail(reason="a long non-ASCII display name, folded by the message builder into encoded words, "
-                          "does not parse back equal with the stdlib parser: spaces appear between the words "
-                          "('Ñame  ÜÜ… ÜÜ…')", strict=False)
 def test_a_long_display_name_decodes_equal(interop: Run) -> None:
+    """The stdlib's address parser keeps the space between adjacent encoded words of a phrase
+    (RFC 2047 §6.2 says to ignore it): the parsed name equals the sent one up to whitespace, and
+    the RFC 2047 decoding of the raw header as delivered holds the name exactly."""
+    from email.header import decode_header, make_header
+
     copy = interop.copy("long-headers", "longhdr@example.com")
-    assert copy.msg["To"].addresses[0].display_name == LONG_NAME
+    parsed = copy.msg["To"].addresses[0].display_name
+    assert "".join(parsed.split()) == "".join(LONG_NAME.split())
+    head = copy.raw.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0].decode("ascii")
+    unfolded = head.replace("\n ", " ").replace("\n\t", " ").split("\n")
+    raw_to = next(line.split(":", 1)[1] for line in unfolded if line.lower().startswith("to:"))
+    assert LONG_NAME in str(make_header(decode_header(raw_to)))
 
 
 def test_cc_bcc_and_reply_to(interop: Run) -> None:
