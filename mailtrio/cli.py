@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mailtrio.ops.commands import add_parsers
 
     add_parsers(sub, cmd_ops)
+    from mailtrio.events_cli import add_events_parser
+
+    add_events_parser(sub)
     return parser
 
 

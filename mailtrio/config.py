@@ -145,6 +145,15 @@ class Settings:
     retention_interval: float
     log_format: str
     log_level: str
+    # outcome events (README "Outcome events")
+    event_stream: str
+    event_stream_maxlen: int
+    event_stream_max_age: float
+    events_publisher: bool
+    event_outbox_retention: float
+    # What EHLO says; None: the host's fully qualified name, else the domain of MAIL_SMTP_FROM
+    # (worked out by the SMTP provider: the name lookup is network I/O, never done here).
+    smtp_helo_name: str | None = None
     http_protected_mode: bool = True
     # systemd's NOTIFY_SOCKET (not a MAIL_* variable: systemd sets it under Type=notify)
     notify_socket: str | None = None
@@ -187,6 +196,9 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
                       "and tests)"),
     "MAIL_SMTP_CA_FILE": (False, "", "CA bundle to verify the SMTP server (default: system store)"),
     "MAIL_SMTP_TIMEOUT": (False, "30s", "bound on one SMTP transaction; lease = this + 15s"),
+    "MAIL_SMTP_HELO_NAME": (False, "", "the name EHLO gives: a fully qualified domain name or an address "
+                            "literal such as `[192.0.2.1]` (default: the host's fully qualified name, else "
+                            "the domain of MAIL_SMTP_FROM)"),
     "MAIL_INTERNAL_HTTP_ADDR": (False, "127.0.0.1:8080", "internal HTTP listener"),
     "MAIL_INTERNAL_HTTP_TOKEN": (False, "", "bearer token required on every route when set; required when "
                                  "the listener is not on loopback (see MAIL_INTERNAL_HTTP_PROTECTED_MODE)"),
@@ -207,6 +219,16 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
                              "while its delivery is unfinished; older stream entries are stale_command and trimmed"),
     "MAIL_RETENTION_PERIOD": (False, "720h", "age after which terminal rows are deleted"),
     "MAIL_RETENTION_INTERVAL": (False, "1h", "how often the retention worker runs"),
+    "MAIL_REDIS_EVENT_STREAM": (False, "mail:delivery_events", "outbound stream of delivery outcome events "
+                                "(`accepted`, `deferred`, `sent`, ... ; see Outcome events)"),
+    "MAIL_REDIS_EVENT_STREAM_MAXLEN": (False, "1000000", "bound on the event stream's length (`XADD MAXLEN ~`); "
+                                       "`0` = no length bound"),
+    "MAIL_REDIS_EVENT_STREAM_MAX_AGE": (False, "168h", "bound on the age of event stream entries (`XTRIM MINID ~`); "
+                                        "`0` = no age bound"),
+    "MAIL_EVENTS_PUBLISHER": (False, "on", "`on`: this instance may be the (single) event publisher; `off`: it "
+                              "never publishes (events wait in the outbox for an instance that does)"),
+    "MAIL_EVENT_OUTBOX_RETENTION": (False, "24h", "age after which published outbox rows are deleted by the "
+                                    "retention worker (unpublished rows are never deleted)"),
     "MAIL_LOG_FORMAT": (False, "json", "`json` (one object per line on stdout) or `console`"),
     "MAIL_LOG_LEVEL": (False, "info", "debug, info, warning, error or critical"),
 }
@@ -325,6 +347,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError("MAIL_SMTP_CA_FILE", f"{ca_raw!r} is not a readable file")
     smtp_timeout = duration("MAIL_SMTP_TIMEOUT")
+    helo_name = get("MAIL_SMTP_HELO_NAME") or None
+    if helo_name is not None and not helo_name_valid(helo_name):
+        raise ConfigError("MAIL_SMTP_HELO_NAME",
+                          f"{helo_name!r} is not a fully qualified domain name or an address literal")
 
     http_host, http_port = address("MAIL_INTERNAL_HTTP_ADDR", default("MAIL_INTERNAL_HTTP_ADDR"))
     http_token = env.get("MAIL_INTERNAL_HTTP_TOKEN") or None
@@ -359,6 +385,19 @@ def _parse(env: Mapping[str, str]) -> Settings:
     idempotency_ttl = duration("MAIL_IDEMPOTENCY_TTL")
     retention_period = duration("MAIL_RETENTION_PERIOD")
     retention_interval = duration("MAIL_RETENTION_INTERVAL")
+    event_stream = default("MAIL_REDIS_EVENT_STREAM")
+    if not _STREAM_NAME_RE.match(event_stream):
+        raise ConfigError("MAIL_REDIS_EVENT_STREAM", "must be a non-empty key without spaces")
+    if event_stream == stream:
+        raise ConfigError("MAIL_REDIS_EVENT_STREAM", "must differ from MAIL_REDIS_COMMAND_STREAM")
+    event_maxlen = integer("MAIL_REDIS_EVENT_STREAM_MAXLEN", 0, 1_000_000_000)
+    event_max_age = duration("MAIL_REDIS_EVENT_STREAM_MAX_AGE", positive=False)
+    if event_max_age < 0:
+        raise ConfigError("MAIL_REDIS_EVENT_STREAM_MAX_AGE", "must not be negative")
+    publisher_raw = default("MAIL_EVENTS_PUBLISHER").lower()
+    if publisher_raw not in ("on", "off"):
+        raise ConfigError("MAIL_EVENTS_PUBLISHER", f"must be on or off, got {publisher_raw!r}")
+    outbox_retention = duration("MAIL_EVENT_OUTBOX_RETENTION")
     log_format = default("MAIL_LOG_FORMAT").lower()
     if log_format not in ("json", "console"):
         raise ConfigError("MAIL_LOG_FORMAT", f"must be json or console, got {log_format!r}")
@@ -403,9 +442,26 @@ def _parse(env: Mapping[str, str]) -> Settings:
         log_level=log_level,
         http_protected_mode=protected,
         notify_socket=env.get("NOTIFY_SOCKET") or None,
+        event_stream=event_stream,
+        event_stream_maxlen=event_maxlen,
+        event_stream_max_age=event_max_age,
+        events_publisher=publisher_raw == "on",
+        event_outbox_retention=outbox_retention,
+        smtp_helo_name=helo_name,
         max_interrupted=max_interrupted,
         console_session_ttl=console_session_ttl,
     )
+
+
+_HELO_DOMAIN_RE = re.compile(
+    r"(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))+\.?")
+_HELO_LITERAL_RE = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]")
+
+
+def helo_name_valid(name: str) -> bool:
+    """A domain with at least two labels (RFC 5321 §4.1.1.1 asks for the primary host name; a
+    server with reject_non_fqdn_helo_hostname refuses a single label) or an address literal."""
+    return bool(_HELO_DOMAIN_RE.fullmatch(name) or _HELO_LITERAL_RE.fullmatch(name))
 
 
 _REQUIRED_WITH_SMTP = ("MAIL_SMTP_ADDR", "MAIL_SMTP_FROM")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailtrio import __version__, enums
+from mailtrio import __version__, enums, retry
 from mailtrio.http import params
 from mailtrio.http.errors import STATUS_BY_CODE
 
@@ -80,6 +80,24 @@ def _schemas() -> dict[str, Any]:
         "updated_at": _TIME,
         "attempts": {"type": "array", "items": _ref("schemas", "Attempt")},
         "dead_letter": _nullable(_ref("schemas", "DeadLetterEntry")),
+        "recipient_outcomes": {
+            "type": "array", "items": _ref("schemas", "RecipientOutcome"),
+            "description": "each envelope recipient (to, cc, bcc; each address once) with its own outcome; "
+                           "a retry goes only to those `deferred`, and the delivery is final when every "
+                           "recipient is",
+        },
+    })
+    recipient_outcome = _obj({
+        "email": _STR,
+        "status": {"type": "string", "enum": list(retry.RECIPIENT_STATUSES),
+                   "description": "`pending`: not tried yet; `accepted`: RCPT and message accepted; "
+                                  "`deferred`: refused for now (4xx), retried on the ladder; `rejected` "
+                                  "and `suppressed`: refused for good (5xx); `dead_letter`: still "
+                                  "deferred when the ladder ran out"},
+        "reply": {**_nullable(_STR), "description": "the last server reply (or failure) that concerned "
+                                                   "this recipient"},
+        "attempt_no": {**_nullable({"type": "integer", "minimum": 1}),
+                       "description": "the attempt that gave this outcome"},
     })
     content = _obj({
         "delivery_id": _DELIVERY_ID,
@@ -144,6 +162,7 @@ def _schemas() -> dict[str, Any]:
         "Error": error,
         "Recipient": recipient,
         "Recipients": recipients,
+        "RecipientOutcome": recipient_outcome,
         "Attempt": attempt,
         "DeadLetterEntry": _obj({"reason": _STR, "created_at": _TIME}),
         "Delivery": delivery,
@@ -155,6 +174,13 @@ def _schemas() -> dict[str, Any]:
         "MalformedCommand": malformed,
         "MalformedCommandPage": page("MalformedCommand"),
         "Schedule": schedule,
+        "EventOutbox": _obj({
+            "depth": {**_COUNT, "description": "delivery events written but not yet published to the "
+                                               "event stream"},
+            "oldest_age_ms": {**_COUNT, "description": "age of the oldest unpublished event (0 when none)"},
+            "publisher": {**_nullable(_STR), "description": "MAIL_INSTANCE_ID of the instance publishing "
+                                                             "now; null when none holds the publisher lock"},
+        }),
     }
 
 
@@ -176,7 +202,8 @@ def _parameters() -> dict[str, Any]:
         "Recipient": query("recipient", {"type": "string", "minLength": 1,
                                          "maxLength": params.MAX_RECIPIENT_LENGTH,
                                          "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
-                           "only deliveries with this address in to, cc or bcc (case-insensitive)"),
+                           "only deliveries with this address in to, cc or bcc (case-insensitive); "
+                           "each item's `recipient_outcomes` tells what became of it"),
         "FailureCode": query("failure_code", {"type": "string", "enum": list(enums.FAILURE_CODES)},
                              "only malformed commands with this failure code"),
     }
@@ -269,6 +296,11 @@ def document(prefix: str, *, bearer: bool) -> dict[str, Any]:
             "operationId": "getSchedule",
             "summary": "The attempt schedule: depth, age of the oldest waiting delivery, counts by status",
             "responses": {**_ok(200, "Schedule", "the schedule summary"), **_errors()},
+        }},
+        "/events/outbox": {"get": {
+            "operationId": "getEventOutbox",
+            "summary": "The outbox of delivery events: unpublished depth, oldest age, the publishing instance",
+            "responses": {**_ok(200, "EventOutbox", "the outbox summary"), **_errors()},
         }},
         "/openapi.json": {"get": {
             "operationId": "getOpenApi",

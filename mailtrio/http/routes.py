@@ -19,6 +19,7 @@ from mailtrio.http.app import db_of
 from mailtrio.http.errors import ApiError
 from mailtrio.store import Database
 from mailtrio.store import api as store_api
+from mailtrio.store import events as store_events
 
 T = TypeVar("T")
 
@@ -121,6 +122,12 @@ def register(app: QuartTrio, prefix: str) -> None:
     @app.get(f"{prefix}/schedule")
     async def schedule() -> Response:
         return _json(await _bounded(lambda: store_api.schedule_summary(_db())))
+
+    @app.get(f"{prefix}/events/outbox")
+    async def events_outbox() -> Response:
+        summary = await _bounded(lambda: store_events.outbox_summary(_db()))
+        return _json({"depth": summary.depth, "oldest_age_ms": summary.oldest_age_ms,
+                      "publisher": summary.publisher})
 
     document = openapi.document(prefix, bearer=bool(app.extensions["mailtrio.settings"].http_token))
 
