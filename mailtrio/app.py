@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 import mailtrio
-from mailtrio import bridge, log, shutdown, telemetry
+from mailtrio import bridge, log, sdnotify, shutdown, telemetry
 from mailtrio.catalog import Catalog, CatalogError
 from mailtrio.config import Settings
 from mailtrio.events import Publisher
@@ -202,6 +202,7 @@ async def _serve(
                 # the deadline minus the reserve.
                 await stop.requested.wait()
                 _log.info("shutdown started", timeout_s=settings.shutdown_timeout)
+                sdnotify.notify(settings.notify_socket, "STOPPING=1", "STATUS=shutting down: draining attempts")
                 feeders.cancel_scope.cancel()
                 http_scope.deadline = stop.cap(http_scope.deadline, reserve)
                 pool_scope.deadline = stop.cap(pool_scope.deadline, reserve)
@@ -215,6 +216,8 @@ async def _serve(
             await feeders.start(telemetry.ScheduleMonitor(db).run)
             _log.info("service ready", binds=binds)
             task_status.started(binds)
+            sdnotify.notify(settings.notify_socket, "READY=1", f"STATUS=ready: API on {' '.join(map(str, binds))}, "
+                            f"{settings.worker_concurrency} workers, {settings.smtp_mode} mode")
         _log.info("command consumer, scheduler and retention worker stopped")
 
 

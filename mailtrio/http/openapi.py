@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailtrio import __version__, retry
+from mailtrio import __version__, enums, retry
 from mailtrio.http import params
 from mailtrio.http.errors import STATUS_BY_CODE
-from mailtrio.store import api as store_api
 
 _REF = "#/components/"
 
@@ -56,7 +55,7 @@ def _schemas() -> dict[str, Any]:
     recipients = _obj({part: {"type": "array", "items": _ref("schemas", "Recipient")} for part in ("to", "cc", "bcc")})
     attempt = _obj({
         "attempt_no": {"type": "integer", "minimum": 1},
-        "status": {"type": "string", "enum": list(store_api.ATTEMPT_STATUSES)},
+        "status": {"type": "string", "enum": list(enums.ATTEMPT_STATUSES)},
         "started_at": _TIME,
         "finished_at": _TIME,
         "duration_ms": _COUNT,
@@ -65,10 +64,10 @@ def _schemas() -> dict[str, Any]:
     })
     delivery = _obj({
         "delivery_id": _DELIVERY_ID,
-        "source": {"type": "string", "enum": list(store_api.SOURCES)},
-        "status": {"type": "string", "enum": list(store_api.DELIVERY_STATUSES)},
+        "source": {"type": "string", "enum": list(enums.SOURCES)},
+        "status": {"type": "string", "enum": list(enums.DELIVERY_STATUSES)},
         "status_reason": _nullable(_STR),
-        "payload_mode": {"type": "string", "enum": list(store_api.PAYLOAD_MODES)},
+        "payload_mode": {"type": "string", "enum": list(enums.PAYLOAD_MODES)},
         "template_id": _nullable(_STR),
         "locale": _STR,
         "resolved_locale": _nullable(_STR),
@@ -114,8 +113,8 @@ def _schemas() -> dict[str, Any]:
         "delivery_id": _DELIVERY_ID,
         "reason": _STR,
         "created_at": _TIME,
-        "source": {"type": "string", "enum": list(store_api.SOURCES)},
-        "status": {"type": "string", "enum": list(store_api.DELIVERY_STATUSES)},
+        "source": {"type": "string", "enum": list(enums.SOURCES)},
+        "status": {"type": "string", "enum": list(enums.DELIVERY_STATUSES)},
         "template_id": _nullable(_STR),
         "recipients": _ref("schemas", "Recipients"),
         "attempt_count": _COUNT,
@@ -124,13 +123,13 @@ def _schemas() -> dict[str, Any]:
     })
     last_attempt = _obj({
         "attempt_no": {"type": "integer", "minimum": 1},
-        "status": {"type": "string", "enum": list(store_api.ATTEMPT_STATUSES)},
+        "status": {"type": "string", "enum": list(enums.ATTEMPT_STATUSES)},
         "provider_summary": _nullable(_STR),
         "finished_at": _TIME,
     })
     malformed = _obj({
         "id": {"type": "integer", "minimum": 1},
-        "failure_code": {"type": "string", "enum": list(store_api.FAILURE_CODES)},
+        "failure_code": {"type": "string", "enum": list(enums.FAILURE_CODES)},
         "failure_detail": _STR,
         "stream_entry_id": _STR,
         "delivery_id": _nullable(_STR),
@@ -138,7 +137,7 @@ def _schemas() -> dict[str, Any]:
         "fields": {"type": "object", "description": "the raw stream entry, field to value"},
         "received_at": _TIME,
     })
-    by_status = _obj({status: _COUNT for status in store_api.DELIVERY_STATUSES})
+    by_status = _obj({status: _COUNT for status in enums.DELIVERY_STATUSES})
     schedule = _obj({
         "depth": {**_COUNT, "description": "deliveries in queued or rendered, due or not"},
         "oldest_age_ms": {**_COUNT, "description": "now minus the earliest moment a waiting delivery "
@@ -196,16 +195,16 @@ def _parameters() -> dict[str, Any]:
         "Cursor": query("cursor", {"type": "string", "minLength": 1, "maxLength": params.MAX_CURSOR_LENGTH,
                                    "pattern": "^[A-Za-z0-9_-]+$"},
                         "opaque: the `next_cursor` of the previous page of the same listing"),
-        "Status": query("status", {"type": "string", "enum": list(store_api.DELIVERY_STATUSES)},
+        "Status": query("status", {"type": "string", "enum": list(enums.DELIVERY_STATUSES)},
                         "only deliveries in this status"),
-        "Source": query("source", {"type": "string", "enum": list(store_api.SOURCES)},
+        "Source": query("source", {"type": "string", "enum": list(enums.SOURCES)},
                         "only deliveries of this source"),
         "Recipient": query("recipient", {"type": "string", "minLength": 1,
                                          "maxLength": params.MAX_RECIPIENT_LENGTH,
                                          "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
                            "only deliveries with this address in to, cc or bcc (case-insensitive); "
                            "each item's `recipient_outcomes` tells what became of it"),
-        "FailureCode": query("failure_code", {"type": "string", "enum": list(store_api.FAILURE_CODES)},
+        "FailureCode": query("failure_code", {"type": "string", "enum": list(enums.FAILURE_CODES)},
                              "only malformed commands with this failure code"),
     }
 
@@ -217,7 +216,9 @@ def _responses() -> dict[str, Any]:
 
     return {
         "InvalidArgument": error("invalid_argument: a parameter is malformed"),
-        "Unauthorized": error("unauthorized: missing or wrong bearer token"),
+        "Unauthorized": {**error("unauthorized: missing or wrong bearer token"), "headers": {
+            "WWW-Authenticate": {"description": 'the challenge: Bearer realm="mailtrio" (with error="invalid_token" '
+                                 "when a wrong token was sent)", "schema": {"type": "string"}}}},
         "NotFound": error("not_found: no such delivery"),
         "Conflict": error("conflict: the delivery's status does not allow this"),
         "Internal": error("internal: the service could not answer (e.g. the database is unreachable)"),

@@ -13,6 +13,7 @@ import trio
 from quart import Response, current_app, jsonify, request
 from quart_trio import QuartTrio
 
+from mailtrio import enums
 from mailtrio.http import openapi, params
 from mailtrio.http.app import db_of
 from mailtrio.http.errors import ApiError
@@ -69,8 +70,8 @@ def register(app: QuartTrio, prefix: str) -> None:
     async def list_deliveries() -> Response:
         args = request.args
         flt = store_api.DeliveryFilter(
-            status=params.one_of(args, "status", store_api.DELIVERY_STATUSES),
-            source=params.one_of(args, "source", store_api.SOURCES),
+            status=params.one_of(args, "status", enums.DELIVERY_STATUSES),
+            source=params.one_of(args, "source", enums.SOURCES),
             recipient=params.recipient(args),
         )
         limit = params.limit(args)
@@ -110,7 +111,7 @@ def register(app: QuartTrio, prefix: str) -> None:
     @app.get(f"{prefix}/malformed-commands")
     async def list_malformed() -> Response:
         args = request.args
-        code = params.one_of(args, "failure_code", store_api.FAILURE_CODES)
+        code = params.one_of(args, "failure_code", enums.FAILURE_CODES)
         limit = params.limit(args)
         after = params.decode_id_key(args, "m")
         items, last = await _bounded(
