@@ -11,8 +11,9 @@ that autoescapes everything; subjects and text bodies in one that escapes nothin
 Size: a rendered subject longer than MAX_SUBJECT characters, or a body part beyond
 MAX_BODY_OCTETS of UTF-8, fails the delivery with `render_failed: too large`; rendering stops as
 soon as the output passes the bound, so a runaway template costs at most that much work.
-`render_off_loop` runs a render in a worker thread (for large inputs, so that the event loop is
-never blocked for long).
+A claimed batch with large payloads is rendered in a worker thread (store.engine.claim_batch), so
+that the event loop is never blocked for long: the catalog is immutable once loaded and Jinja
+templates render safely from several threads.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import jinja2
-import trio
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -40,9 +40,6 @@ _TEMPLATE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # part, in octets of UTF-8.
 MAX_SUBJECT: Final = message.MAX_SUBJECT
 MAX_BODY_OCTETS: Final = 1024 * 1024
-# Variables whose JSON text is larger than this are rendered off the event loop by callers that
-# can (`render_off_loop`); smaller ones render inline in well under a millisecond.
-OFF_LOOP_BYTES: Final = 64 * 1024
 
 
 class CatalogError(Exception):
@@ -279,11 +276,3 @@ class Catalog:
         if not text.strip() and not (html and html.strip()):
             raise RenderError("empty body")
         return Rendered(subject=subject, text=text if text.strip() else None, html=html, resolved_locale=resolved)
-
-
-
-async def render_off_loop(catalog: Catalog, template_id: str, locale: str, variables: Mapping[str, Any]) -> Rendered:
-    """`catalog.render` in a worker thread (the catalog is immutable once loaded, and Jinja
-    templates render safely from several threads): for large inputs, which would block the event
-    loop for too long. Cancellation waits for the render, which is bounded (see MAX_BODY_OCTETS)."""
-    return await trio.to_thread.run_sync(catalog.render, template_id, locale, variables)

@@ -247,3 +247,34 @@ async def test_recorder_isolates_a_bad_outcome(db: Database, database: str) -> N
     assert results == {"good": True, "bad": False}
     rows = h.deliveries(database)
     assert (rows[good.delivery_id]["status"], rows[bad.delivery_id]["status"]) == ("sent", "sending")
+
+
+async def test_a_large_render_is_prepared_off_the_event_loop(db: Database, database: str) -> None:
+    """What a claimed batch has to render beyond OFF_LOOP_BYTES is prepared in a worker thread;
+    an ordinary batch inline, on the event loop's thread."""
+    import threading
+
+    big = "x" * (store.OFF_LOOP_BYTES + 1)
+    h.insert(database, [h.delivery("small", variables={"code": "1"})])
+    threads: list[int] = []
+
+    def recording(claims: list[store.Claim], broken: list[store.Undecodable] | None = None) -> Prep:
+        threads.append(threading.get_ident())
+        return render_all(claims, broken)
+
+    async def claim_with(limit: int) -> Prep:
+        prep, _ = await db.run(lambda conn: store.claim_batch(conn, owner="me", lease_seconds=30, limit=limit,
+                                                              prepare=recording))
+        return prep
+
+    small = await claim_with(5)
+    assert [c.delivery_id for c in small.claims] == ["small"] and not store.render_off_loop(small.claims)
+    h.insert(database, [h.delivery("big", variables={"code": big})])
+    large = await claim_with(5)
+    assert [c.delivery_id for c in large.claims] == ["big"] and store.render_off_loop(large.claims)
+    assert large.claims[0].payload_bytes > store.OFF_LOOP_BYTES
+    main = threading.get_ident()
+    assert threads[0] == main and threads[1] != main
+    # the content prepared in the thread was stored under the lease like any other
+    assert h.deliveries(database, ["big"])["big"]["status"] == "sending"
+    assert large.stored == {"big"}

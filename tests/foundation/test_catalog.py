@@ -308,10 +308,3 @@ def test_a_subject_or_body_beyond_its_bound_fails_as_too_large(tmp_path: Path) -
     with pytest.raises(TooLarge):
         catalog.render("big", "en", {"s": "s", "n": 100_000, "chunk": "y" * 1000})
     assert issubclass(TooLarge, RenderError)
-
-
-async def test_render_off_loop_renders_in_a_thread(sample: Catalog) -> None:
-    from mailtrio.catalog import render_off_loop
-
-    out = await render_off_loop(sample, "newsletter", "en", {"title": "T", "intro": "x" * 200_000})
-    assert out == sample.render("newsletter", "en", {"title": "T", "intro": "x" * 200_000})
