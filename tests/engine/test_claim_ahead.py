@@ -1,0 +1,127 @@
+"""Claim ahead, in-process against a real database and SMTP server: the scheduler keeps a bounded
+buffer of claimed, rendered jobs ahead of busy workers; cancelled (shutdown), it gives the
+buffered jobs back at once while the attempts in flight finish; a job whose lease ran short while
+it waited in the buffer is given back unsent and sent later, exactly once."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from mailtrio import bridge
+from mailtrio.catalog import Catalog
+from mailtrio.config import Settings
+from mailtrio.providers.build import build_provider
+from mailtrio.scheduler import CLAIM_AHEAD_PER_WORKER, Scheduler
+from mailtrio.store import Database
+from mailtrio.workers import LEASE_MARGIN, Job, WorkerPool
+from tests.engine import helpers as h
+from tests.engine.conftest import smtp_env
+from tests.engine.test_engine_inprocess import poll
+from tests.support.serve import TEMPLATES
+from tests.support.smtpserver import SmtpTestServer
+
+
+@pytest.fixture
+async def db(database: str) -> AsyncIterator[Database]:
+    async with bridge.open_loop():
+        d = Database(database, 4)
+        await d.open()
+        try:
+            yield d
+        finally:
+            await d.close()
+
+
+def sending_ids(dsn: str) -> set[str]:
+    return {r["delivery_id"] for r in h.query(dsn, "SELECT delivery_id FROM mail.deliveries WHERE status = 'sending'")}
+
+
+async def test_the_buffer_is_bounded_and_given_back_at_once_when_cancelled(
+    db: Database, database: str, service_env: dict[str, str], smtp_factory: Callable[..., SmtpTestServer]
+) -> None:
+    # Every transaction waits 4 s before RCPT is answered: both workers stay busy meanwhile.
+    server = smtp_factory(rules=[{"match": "@example\\.com$", "action": "slow_rcpt", "delay_s": 4}])
+    settings = Settings.from_env(smtp_env(service_env, server, MAIL_ATTEMPT_WORKER_CONCURRENCY="2",
+                                          MAIL_SMTP_TIMEOUT="20s"))
+    ids = h.insert(database, [h.delivery(f"n{i}") for i in range(10)])
+    send, receive = trio.open_memory_channel[Job](0)
+    pool = WorkerPool(settings, db, Catalog.load(TEMPLATES, "en"), build_provider(settings), receive)
+    scheduler = Scheduler(settings, db, send, pool)
+    ahead = CLAIM_AHEAD_PER_WORKER * 2
+    assert scheduler.ahead == ahead
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            async with trio.open_nursery() as feeders:
+                await feeders.start(scheduler.run)
+                # Both workers in a transaction, `ahead` jobs claimed, rendered and waiting.
+                await poll(lambda: pool.idle == 0 and scheduler.buffered == ahead, within=20)
+                held = sending_ids(database)
+                assert len(held) == 2 + ahead
+                stored = h.query(database, "SELECT delivery_id FROM mail.payloads WHERE rendered_at IS NOT NULL")
+                assert held <= {r["delivery_id"] for r in stored}  # rendered and stored under the lease
+                await trio.sleep(0.5)
+                assert sending_ids(database) == held  # bounded: nothing more is claimed
+                feeders.cancel_scope.cancel()
+            # The scheduler has returned: what no worker took is back on the schedule already,
+            # while the two attempts in flight are still inside the server's wait.
+            assert scheduler.released == ahead and scheduler.buffered == 0
+            counts = h.status_counts(database)
+            assert counts == {"sending": 2, "rendered": ahead, "queued": 8 - ahead}, counts
+            given_back = held - sending_ids(database)
+            assert len(given_back) == ahead
+            for delivery_id, row in h.deliveries(database, sorted(given_back)).items():
+                assert row["status"] == "rendered" and row["lease_owner"] is None and row["attempt_count"] == 0
+                assert h.attempts(database, delivery_id) == []
+        # the pool drained: the two attempts in flight were sent and recorded
+    assert h.status_counts(database) == {"sent": 2, "rendered": ahead, "queued": 8 - ahead}
+    sent = {r["message_id"] for r in h.deliveries(database, ids).values() if r["status"] == "sent"}
+    assert set(server.accepted_by_message_id()) == sent
+
+
+class ShortLease(Settings):
+    """Settings whose lease is short enough for a buffered job to run out of send window."""
+
+    @property
+    def lease_seconds(self) -> float:
+        return LEASE_MARGIN + 3.0
+
+
+async def test_a_job_whose_lease_ran_short_in_the_buffer_is_given_back_unsent(
+    db: Database, database: str, service_env: dict[str, str], smtp_factory: Callable[..., SmtpTestServer],
+    tmp_path: Path,
+) -> None:
+    # The first transaction waits 2.4 s before RCPT: the job buffered behind it has less than
+    # MIN_SEND_SECONDS of its 3 s send window left when the only worker takes it.
+    server = smtp_factory(rules=[{"match": "^slow@", "action": "slow_rcpt", "delay_s": 2.4, "times": 1}])
+    base = Settings.from_env(smtp_env(service_env, server, MAIL_ATTEMPT_WORKER_CONCURRENCY="1",
+                                      MAIL_SMTP_TIMEOUT="10s"))
+    settings = ShortLease(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    assert settings.lease_seconds == LEASE_MARGIN + 3.0
+    h.insert(database, [h.delivery("slow", to=["slow@example.com"], delay_s=-10)])
+    h.insert(database, [h.delivery("next", delay_s=-5)])
+    h.insert(database, [h.delivery("last", delay_s=-1)])
+    ids = ["slow", "next", "last"]
+    send, receive = trio.open_memory_channel[Job](0)
+    pool = WorkerPool(settings, db, Catalog.load(TEMPLATES, "en"), build_provider(settings), receive)
+    scheduler = Scheduler(settings, db, send, pool)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            async with trio.open_nursery() as feeders:
+                await feeders.start(scheduler.run)
+                await poll(lambda: all(r["status"] in h.TERMINAL for r in h.deliveries(database, ids).values()),
+                            within=40)
+                feeders.cancel_scope.cancel()
+    rows = h.deliveries(database, ids)
+    assert {r["status"] for r in rows.values()} == {"sent"}
+    assert pool.released_unsent >= 1
+    # given back unsent: no attempt counted for it, then sent once on a fresh claim
+    assert [a["status"] for a in h.attempts(database, "next")] == ["provider_accepted"]
+    accepted = server.accepted_by_message_id()
+    assert sorted(len(accepted[rows[i]["message_id"]]) for i in ids) == [1, 1, 1]
