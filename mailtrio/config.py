@@ -132,6 +132,9 @@ class Settings:
     retention_interval: float
     log_format: str
     log_level: str
+    # What EHLO says; None: the host's fully qualified name, else the domain of MAIL_SMTP_FROM
+    # (worked out by the SMTP provider: the name lookup is network I/O, never done here).
+    smtp_helo_name: str | None = None
     max_interrupted: int = 3
     console_session_ttl: float = 12 * 3600.0
 
@@ -171,6 +174,9 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
                       "and tests)"),
     "MAIL_SMTP_CA_FILE": (False, "", "CA bundle to verify the SMTP server (default: system store)"),
     "MAIL_SMTP_TIMEOUT": (False, "30s", "bound on one SMTP transaction; lease = this + 15s"),
+    "MAIL_SMTP_HELO_NAME": (False, "", "the name EHLO gives: a fully qualified domain name or an address "
+                            "literal such as `[192.0.2.1]` (default: the host's fully qualified name, else "
+                            "the domain of MAIL_SMTP_FROM)"),
     "MAIL_INTERNAL_HTTP_ADDR": (False, "127.0.0.1:8080", "internal HTTP listener"),
     "MAIL_INTERNAL_HTTP_TOKEN": (False, "", "bearer token required on every route when set"),
     "MAIL_CONSOLE_SESSION_TTL": (False, "12h", "how long a sign-in to the operator console (`/console`) lasts "
@@ -303,6 +309,10 @@ def _parse(env: Mapping[str, str]) -> Settings:
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError("MAIL_SMTP_CA_FILE", f"{ca_raw!r} is not a readable file")
     smtp_timeout = duration("MAIL_SMTP_TIMEOUT")
+    helo_name = get("MAIL_SMTP_HELO_NAME") or None
+    if helo_name is not None and not helo_name_valid(helo_name):
+        raise ConfigError("MAIL_SMTP_HELO_NAME",
+                          f"{helo_name!r} is not a fully qualified domain name or an address literal")
 
     http_host, http_port = address("MAIL_INTERNAL_HTTP_ADDR", default("MAIL_INTERNAL_HTTP_ADDR"))
     http_token = env.get("MAIL_INTERNAL_HTTP_TOKEN") or None
@@ -367,9 +377,21 @@ def _parse(env: Mapping[str, str]) -> Settings:
         retention_interval=retention_interval,
         log_format=log_format,
         log_level=log_level,
+        smtp_helo_name=helo_name,
         max_interrupted=max_interrupted,
         console_session_ttl=console_session_ttl,
     )
+
+
+_HELO_DOMAIN_RE = re.compile(
+    r"(?=.{1,253}$)(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))+\.?")
+_HELO_LITERAL_RE = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]")
+
+
+def helo_name_valid(name: str) -> bool:
+    """A domain with at least two labels (RFC 5321 §4.1.1.1 asks for the primary host name; a
+    server with reject_non_fqdn_helo_hostname refuses a single label) or an address literal."""
+    return bool(_HELO_DOMAIN_RE.fullmatch(name) or _HELO_LITERAL_RE.fullmatch(name))
 
 
 _REQUIRED_WITH_SMTP = ("MAIL_SMTP_ADDR", "MAIL_SMTP_FROM")

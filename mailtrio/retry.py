@@ -7,15 +7,26 @@
 - Connection, TLS, AUTH or protocol errors: `transport_failed`; MAIL_SMTP_TIMEOUT: `timed_out`.
 - Those three are retried on the ladder: a failure at ladder step k waits ladder[k] and moves to
   step k + 1; a retryable failure once every step is used dead-letters the delivery.
+
+Per recipient (`settle`): each envelope recipient has its own outcome, `accepted` (its RCPT and the
+message were accepted), `deferred` (4xx, 552 on RCPT, or the whole attempt failed in a retryable
+way), `rejected` / `suppressed` (5xx) or, once the ladder ran out while it was still deferred,
+`dead_letter`. A retry goes to the deferred recipients only, with the same message: an accepted
+recipient never gets it twice. The delivery is final when every recipient is: `sent` when at least
+one was accepted (the status_reason names the refused ones), `failed` (or `suppressed`, when every
+refusal is a suppression) when none was, `dead_letter` when the ladder ran out for those still
+deferred.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from mailtrio.providers.base import AttemptStatus, Phase, RecipientReply, Reply
+from mailtrio.providers.base import AttemptStatus, Phase, RecipientReply, Reply, SendReport
 
 SUPPRESS_RE = re.compile(r"(?i)suppress")
 
@@ -118,3 +129,183 @@ def next_step(
 def dead_letter_reason(attempts: int, summary: str) -> str:
     noun = "attempt" if attempts == 1 else "attempts"
     return f"retry ladder exhausted after {attempts} {noun}: {summary}"
+
+
+# -- per-recipient outcomes ---------------------------------------------------------------------
+
+RCPT_ACCEPTED = "accepted"
+RCPT_DEFERRED = "deferred"
+RCPT_REJECTED = "rejected"
+RCPT_SUPPRESSED = "suppressed"
+RCPT_DEAD_LETTER = "dead_letter"
+# `pending` is never stored: the API shows it for a recipient not tried yet.
+RCPT_PENDING = "pending"
+RECIPIENT_STATUSES = (RCPT_PENDING, RCPT_ACCEPTED, RCPT_DEFERRED, RCPT_REJECTED, RCPT_SUPPRESSED, RCPT_DEAD_LETTER)
+_REFUSED = (RCPT_REJECTED, RCPT_SUPPRESSED)
+MAX_REASON = 1000
+
+
+@dataclass(frozen=True)
+class RecipientOutcome:
+    """One envelope recipient's outcome: its address as the command gave it, its status, the
+    last reply that concerned it and the attempt that gave it."""
+
+    email: str
+    status: str
+    reply: str | None
+    attempt_no: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"email": self.email, "status": self.status, "reply": self.reply, "attempt_no": self.attempt_no}
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> RecipientOutcome:
+        return cls(str(value.get("email") or ""), str(value.get("status") or RCPT_DEFERRED),
+                   value.get("reply"), value.get("attempt_no"))
+
+
+def outcomes_by_email(stored: Iterable[Mapping[str, Any]] | None) -> dict[str, RecipientOutcome]:
+    """Stored outcomes (the deliveries.recipient_outcomes column) by lower-cased address."""
+    out: dict[str, RecipientOutcome] = {}
+    for value in stored or ():
+        if isinstance(value, Mapping):
+            outcome = RecipientOutcome.from_json(value)
+            out[outcome.email.lower()] = outcome
+    return out
+
+
+def pending_recipients(emails: Sequence[str], prior: Mapping[str, RecipientOutcome]) -> list[str]:
+    """The recipients an attempt sends to: all but those already accepted or refused for good."""
+    if not prior:
+        return list(emails)
+    out = []
+    for email in emails:
+        outcome = prior.get(email.lower())
+        if outcome is None or outcome.status in (RCPT_DEFERRED, RCPT_DEAD_LETTER):
+            out.append(email)
+    if not out:
+        # Every recipient final while the delivery is not (an operator's retry of a delivery
+        # whose refusals were kept): try again those not accepted.
+        out = [e for e in emails if (o := prior.get(e.lower())) is None or o.status != RCPT_ACCEPTED]
+    return out
+
+
+def _status_of(status: AttemptStatus, *, suppressed: bool) -> str:
+    if status == AttemptStatus.PROVIDER_ACCEPTED:
+        return RCPT_ACCEPTED
+    if status == AttemptStatus.SUPPRESSED:
+        return RCPT_SUPPRESSED
+    if status == AttemptStatus.PROVIDER_REJECTED:
+        return RCPT_SUPPRESSED if suppressed else RCPT_REJECTED
+    return RCPT_DEFERRED
+
+
+def attempt_results(report: SendReport, targets: Sequence[str], attempt_no: int) -> list[RecipientOutcome]:
+    """What one attempt did for each of its recipients (`targets`, in envelope order).
+
+    With RCPT replies: a refused RCPT is deferred (4xx, 552) or refused (5xx) on its own reply; an
+    accepted RCPT shares the fate of the message (its final reply, or the DATA refusal). Without
+    them (the transaction stopped before RCPT, or the stub) every recipient shares the attempt's.
+    """
+    replies = report.recipients
+    whole = _status_of(report.status, suppressed=report.suppressed)
+    if not replies or len(replies) != len(targets):
+        return [RecipientOutcome(email, whole, report.summary, attempt_no) for email in targets]
+    message_reply = report.reply.summary() if report.reply is not None else report.summary
+    if whole != RCPT_ACCEPTED:
+        message_reply = report.summary
+    out = []
+    for email, rr in zip(targets, replies, strict=True):
+        reply = rr.reply
+        if rcpt_accepted(reply):
+            out.append(RecipientOutcome(email, whole, message_reply, attempt_no))
+            continue
+        status = classify_reply(reply, Phase.RCPT)
+        if status == AttemptStatus.PROVIDER_REJECTED:
+            rcpt_status = RCPT_SUPPRESSED if is_suppression(reply) else RCPT_REJECTED
+        else:
+            rcpt_status = RCPT_DEFERRED
+        out.append(RecipientOutcome(email, rcpt_status, reply.summary(), attempt_no))
+    return out
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """The delivery's next step after an attempt, with its reasons and the per-recipient outcomes
+    to store (None: nothing to store, as for every delivery with one recipient)."""
+
+    step: Step
+    status_reason: str | None
+    dead_reason: str | None
+    outcomes: list[RecipientOutcome] | None
+
+
+def settle(
+    report: SendReport,
+    *,
+    recipients: Sequence[str],
+    targets: Sequence[str],
+    prior: Mapping[str, RecipientOutcome],
+    attempt_no: int,
+    ladder_step: int,
+    ladder: Sequence[float],
+) -> Settlement:
+    """The delivery's next state once an attempt to `targets` (the pending part of `recipients`,
+    the whole envelope in command order) ended with `report`."""
+    if not prior and len(recipients) == 1:
+        # One recipient: the delivery's own status and reason say it all, nothing is stored.
+        if report.status is AttemptStatus.PROVIDER_ACCEPTED:
+            return _sent_at_once(ladder_step)
+        step = next_step(report.status, suppressed=report.suppressed, ladder_step=ladder_step, ladder=ladder)
+        dead = dead_letter_reason(attempt_no, report.summary) if step.dead_letter else None
+        return Settlement(step, report.summary, dead, None)
+    merged = dict(prior)
+    for outcome in attempt_results(report, targets, attempt_no):
+        merged[outcome.email.lower()] = outcome
+    outcomes = [merged.get(e.lower()) or RecipientOutcome(e, RCPT_DEFERRED, None, None) for e in recipients]
+    deferred = [o for o in outcomes if o.status in (RCPT_DEFERRED, RCPT_DEAD_LETTER)]
+    accepted = [o for o in outcomes if o.status == RCPT_ACCEPTED]
+    if deferred:
+        if ladder_step < len(ladder):
+            step = Step("rendered", float(ladder[ladder_step]), ladder_step + 1)
+            reason = recipients_reason(outcomes)
+            return Settlement(step, reason, None, outcomes)
+        outcomes = [RecipientOutcome(o.email, RCPT_DEAD_LETTER, o.reply, o.attempt_no)
+                    if o.status == RCPT_DEFERRED else o for o in outcomes]
+        reason = recipients_reason(outcomes)
+        step = Step("dead_letter", None, ladder_step, dead_letter=True)
+        return Settlement(step, reason, dead_letter_reason(attempt_no, reason), outcomes)
+    if accepted:
+        refused = len(accepted) < len(outcomes)
+        step = Step("sent", None, ladder_step)
+        return Settlement(step, recipients_reason(outcomes) if refused else None, None, outcomes)
+    suppressed = all(o.status == RCPT_SUPPRESSED for o in outcomes)
+    step = Step("suppressed" if suppressed else "failed", None, ladder_step)
+    return Settlement(step, recipients_reason(outcomes), None, outcomes)
+
+
+@functools.lru_cache(maxsize=64)
+def _sent_at_once(ladder_step: int) -> Settlement:
+    """The common case (one recipient, accepted): nothing to store. Settlements are immutable,
+    so one per ladder step is shared (this runs for nearly every delivery)."""
+    return Settlement(Step("sent", None, ladder_step), None, None, None)
+
+
+def recipients_reason(outcomes: Sequence[RecipientOutcome]) -> str:
+    """A short status_reason naming the recipients that were not accepted, with their replies.
+
+    When no recipient was accepted and every one got the same reply, that reply alone (as for a
+    delivery with one recipient)."""
+    accepted = sum(1 for o in outcomes if o.status == RCPT_ACCEPTED)
+    others = [o for o in outcomes if o.status != RCPT_ACCEPTED]
+    replies = {o.reply for o in others}
+    if not accepted and len(replies) == 1:
+        return (next(iter(replies)) or others[0].status)[:MAX_REASON]
+    parts = [f"{accepted} of {len(outcomes)} recipients accepted"]
+    for label, statuses in (("deferred", (RCPT_DEFERRED,)), ("not delivered", (RCPT_DEAD_LETTER,)),
+                            ("refused", _REFUSED)):
+        group = [o for o in others if o.status in statuses]
+        if group:
+            parts.append(f"{label}: " + ", ".join(f"{o.email} ({o.reply})" for o in group))
+    text = "; ".join(parts)
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"

@@ -639,19 +639,25 @@ class WorkerPool:
             addressing = job.addressing
             data = message.build(addressing, job.content, message_id=claim.message_id,
                                  date=datetime.now(UTC))
-            recipients = addressing.envelope_recipients()
+            recipients = envelope_recipients(addressing)
+            # A retry goes only to the recipients not yet accepted nor refused for good.
+            targets = retry.pending_recipients(list(recipients), retry.outcomes_by_email(claim.recipient_outcomes))
+            wire = [recipients[e] for e in targets]
             envelope = Envelope(
                 sender=addressing.envelope_sender(),
-                recipients=recipients,
+                recipients=wire,
                 source=claim.source,
                 delivery_id=claim.delivery_id,
                 message_id=claim.message_id,
-                smtputf8=addressing.needs_smtputf8(recipients),
+                smtputf8=addressing.needs_smtputf8(list(recipients.values())),
                 lease_ok=lambda: self._lease_ok(job),
             )
         except Exception as exc:
             await self._crashed(job, exc, "build")
             return None
+        if not wire:
+            return SendReport(AttemptStatus.PROVIDER_ACCEPTED, "every recipient was accepted earlier; nothing sent",
+                              Phase.STUB)
         try:
             return await self._send(session, envelope, data, window)
         except Exception as exc:
@@ -738,40 +744,55 @@ class WorkerPool:
         self, claim: store.Claim, report: SendReport, *, elapsed_ms: int, resolved_locale: str | None
     ) -> store.Finish:
         """The outcome of an attempt that ended with `report`, with its step on the ladder."""
-        step = retry.next_step(
-            report.status,
-            suppressed=report.suppressed,
+        return self._settle(claim, report, elapsed_ms=elapsed_ms, resolved_locale=resolved_locale)[0]
+
+    def _settle(
+        self,
+        claim: store.Claim,
+        report: SendReport,
+        *,
+        elapsed_ms: int,
+        resolved_locale: str | None,
+        recipients: Sequence[str] | None = None,
+    ) -> tuple[store.Finish, retry.Step]:
+        """The outcome of an attempt to the recipients still pending (retry.settle: per recipient
+        when there are several) and the delivery's step on the ladder."""
+        prior = retry.outcomes_by_email(claim.recipient_outcomes)
+        if recipients is None:
+            recipients = claim_recipients(claim)
+        settled = retry.settle(
+            report,
+            recipients=recipients,
+            targets=retry.pending_recipients(recipients, prior),
+            prior=prior,
+            attempt_no=claim.attempt_count + 1,
             ladder_step=claim.ladder_step,
             ladder=self.settings.retry_ladder,
         )
-        attempt_no = claim.attempt_count + 1
-        dead_reason = retry.dead_letter_reason(attempt_no, report.summary) if step.dead_letter else None
+        step = settled.step
         retry_ms = None if step.retry_delay is None else round(step.retry_delay * 1000)
-        return store.Finish(
+        finish = store.Finish(
             delivery_id=claim.delivery_id,
             lease_started_at=claim.lease_started_at,
             status=step.delivery_status,
-            status_reason=None if step.delivery_status == "sent" else report.summary,
+            status_reason=settled.status_reason,
             attempt_status=str(report.status),
             elapsed_ms=elapsed_ms,
             provider_summary=report.summary,
             details=report.details(),
             retry_ms=retry_ms,
             ladder_step=step.ladder_step,
-            dead_reason=dead_reason,
+            dead_reason=settled.dead_reason,
             resolved_locale=resolved_locale,
+            recipient_outcomes=None if settled.outcomes is None else [o.as_json() for o in settled.outcomes],
         )
+        return finish, step
 
     async def _record(self, job: Job, report: SendReport) -> None:
         claim = job.claim
-        step = retry.next_step(
-            report.status,
-            suppressed=report.suppressed,
-            ladder_step=claim.ladder_step,
-            ladder=self.settings.retry_ladder,
-        )
         attempt_no = claim.attempt_count + 1
-        finish = self._finish_for(claim, report, elapsed_ms=_elapsed_ms(job), resolved_locale=job.content.locale)
+        finish, step = self._settle(claim, report, elapsed_ms=_elapsed_ms(job), resolved_locale=job.content.locale,
+                                    recipients=list(envelope_recipients(job.addressing)))
         if report.extra.get("crashed"):
             job.span.set_attribute("mail.crashed", str(report.extra["crashed"]))
         job.span.set_attribute("mail.attempt_status", str(report.status))
@@ -851,6 +872,37 @@ class WorkerPool:
         if scope.cancelled_caught:
             _log.error("putting a cancelled attempt back timed out; its lease will expire",
                        delivery_id=claim.delivery_id)
+
+
+def envelope_recipients(addressing: message.Addressing) -> dict[str, str]:
+    """To, Cc and Bcc addresses, each once (case-insensitively), in that order: the address as
+    the command gave it (the key of its recipient outcome) to its envelope form."""
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for addr in (*addressing.to, *addressing.cc, *addressing.bcc):
+        key = addr.email.lower()
+        if key not in seen:
+            seen.add(key)
+            out[addr.email] = message.wire_address(addr.email)
+    return out
+
+
+def claim_recipients(claim: store.Claim) -> list[str]:
+    """The envelope addresses of a claimed delivery, read from its stored recipients (for an
+    outcome recorded without the prepared addressing: a crash before sending)."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for part in ("to", "cc", "bcc"):
+        values = claim.recipients.get(part) or ()
+        for value in values if isinstance(values, list) else ():
+            try:
+                email = message.Address.from_value(value).email
+            except message.ContentError:
+                continue
+            if email and email.lower() not in seen:
+                seen.add(email.lower())
+                out.append(email)
+    return out
 
 
 def repeatedly_interrupted(count: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailtrio import __version__
+from mailtrio import __version__, retry
 from mailtrio.http import params
 from mailtrio.http.errors import STATUS_BY_CODE
 from mailtrio.store import api as store_api
@@ -81,6 +81,24 @@ def _schemas() -> dict[str, Any]:
         "updated_at": _TIME,
         "attempts": {"type": "array", "items": _ref("schemas", "Attempt")},
         "dead_letter": _nullable(_ref("schemas", "DeadLetterEntry")),
+        "recipient_outcomes": {
+            "type": "array", "items": _ref("schemas", "RecipientOutcome"),
+            "description": "each envelope recipient (to, cc, bcc; each address once) with its own outcome; "
+                           "a retry goes only to those `deferred`, and the delivery is final when every "
+                           "recipient is",
+        },
+    })
+    recipient_outcome = _obj({
+        "email": _STR,
+        "status": {"type": "string", "enum": list(retry.RECIPIENT_STATUSES),
+                   "description": "`pending`: not tried yet; `accepted`: RCPT and message accepted; "
+                                  "`deferred`: refused for now (4xx), retried on the ladder; `rejected` "
+                                  "and `suppressed`: refused for good (5xx); `dead_letter`: still "
+                                  "deferred when the ladder ran out"},
+        "reply": {**_nullable(_STR), "description": "the last server reply (or failure) that concerned "
+                                                   "this recipient"},
+        "attempt_no": {**_nullable({"type": "integer", "minimum": 1}),
+                       "description": "the attempt that gave this outcome"},
     })
     content = _obj({
         "delivery_id": _DELIVERY_ID,
@@ -145,6 +163,7 @@ def _schemas() -> dict[str, Any]:
         "Error": error,
         "Recipient": recipient,
         "Recipients": recipients,
+        "RecipientOutcome": recipient_outcome,
         "Attempt": attempt,
         "DeadLetterEntry": _obj({"reason": _STR, "created_at": _TIME}),
         "Delivery": delivery,
@@ -177,7 +196,8 @@ def _parameters() -> dict[str, Any]:
         "Recipient": query("recipient", {"type": "string", "minLength": 1,
                                          "maxLength": params.MAX_RECIPIENT_LENGTH,
                                          "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
-                           "only deliveries with this address in to, cc or bcc (case-insensitive)"),
+                           "only deliveries with this address in to, cc or bcc (case-insensitive); "
+                           "each item's `recipient_outcomes` tells what became of it"),
         "FailureCode": query("failure_code", {"type": "string", "enum": list(store_api.FAILURE_CODES)},
                              "only malformed commands with this failure code"),
     }

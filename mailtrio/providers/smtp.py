@@ -2,13 +2,22 @@
 PIPELINING, 1870 SIZE, 6531 SMTPUTF8).
 
 Each attempt worker owns one `SmtpSession`, a persistent connection reused across messages:
-connect, EHLO, STARTTLS (`MAIL_SMTP_TLS=starttls`, required) or implicit TLS (`tls`), AUTH PLAIN
-or LOGIN when credentials are configured. A transaction is MAIL, one RCPT per envelope recipient
-(every reply kept for the attempt's details) and DATA, sent in one write when the server offers
-PIPELINING, then the dot-stuffed message. A connection that sat idle is probed with RSET before
-use; a reused connection found closed before anything was accepted is reopened once within the
-same attempt; after a refused transaction the session is reset (RSET); any error or cancellation
-drops the connection so the next send starts clean.
+connect, EHLO with MAIL_SMTP_HELO_NAME (default: the host's fully qualified name, else the domain
+of MAIL_SMTP_FROM), STARTTLS (`MAIL_SMTP_TLS=starttls`, required) or implicit TLS (`tls`), AUTH
+PLAIN or LOGIN when credentials are configured (the `AUTH=` form of old servers is understood, as
+smtplib does). A transaction is MAIL (with `SMTPUTF8` when an envelope address has a non-ASCII
+local part, and `BODY=8BITMIME` for 8-bit content), one RCPT per envelope recipient (every reply
+kept: the engine records each recipient's outcome) and DATA, sent in one write when the server
+offers PIPELINING, then the message with CRLF line ends and dot-stuffing (as smtplib's `data`).
+
+A connection that sat idle is probed with RSET before use. A 421 reply always closes the
+connection (RFC 5321 §3.8); a 421 before the message content was sent, or a reused connection
+found closed before anything was accepted, reconnects and retries inside the same attempt, once.
+When no recipient was accepted but a pipelined DATA got its 354 anyway, the connection is
+dropped: an empty message is never sent. After a refused transaction the session is reset (RSET);
+any error or cancellation drops the connection so the next send starts clean. A message needing
+SMTPUTF8 on a server that does not offer it is refused before anything is sent (permanent:
+`smtputf8_unsupported: ...`).
 
 Why not aiosmtplib through trio-asyncio: on this service's hot path every asyncio callback is a
 Trio scheduling round, and a plain MAIL/RCPT/DATA transaction through aiosmtplib costs about ten
@@ -33,7 +42,7 @@ import time
 import trio
 
 from mailtrio import retry
-from mailtrio.config import Settings
+from mailtrio.config import Settings, helo_name_valid
 from mailtrio.providers.base import AttemptStatus, Envelope, Phase, RecipientReply, Reply, SendReport
 
 # A connection unused for this long is probed (RSET) before the next transaction.
@@ -43,7 +52,13 @@ QUIT_TIMEOUT = 2.0
 # Replies longer than this are a protocol error (RFC 5321 allows 512-octet lines; be generous).
 MAX_REPLY_BYTES = 64 * 1024
 _DOT_RE = re.compile(rb"(?m)^\.")
+_EOL_RE = re.compile(rb"\r\n|\n|\r(?!\n)")
 _ADDR_UNSAFE = re.compile(r"[\x00-\x20<>\x7f]")
+# smtplib's parse of EHLO keywords (RFC 5321 §4.1.1.1 ehlo-keyword) and of the pre-RFC `AUTH=`.
+_EHLO_KEYWORD_RE = re.compile(r"(?P<feature>[A-Za-z0-9][A-Za-z0-9\-]*) ?")
+_OLDSTYLE_AUTH_RE = re.compile(r"auth=(.*)", re.I)
+# RFC 5321 §3.8 / §4.2.2: the server is closing the transmission channel.
+SERVICE_CLOSING = 421
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext:
@@ -62,6 +77,65 @@ class SmtpFailure(Exception):
         super().__init__(detail)
         self.phase = phase
         self.detail = detail
+
+
+class ServiceClosing(SmtpFailure):
+    """A 421 reply: the server is closing the connection (whatever command it answered)."""
+
+    def __init__(self, phase: Phase, reply: Reply) -> None:
+        super().__init__(phase, f"the server is closing the connection: {reply.summary()}")
+        self.reply = reply
+
+
+def parse_ehlo(lines: list[str]) -> dict[str, str]:
+    """The extensions of an EHLO reply (its lines after the first), keyword upper-cased to its
+    parameters, exactly as smtplib parses them: `AUTH` parameters from several lines, including
+    the old `AUTH=PLAIN LOGIN` form, are joined."""
+    extensions: dict[str, str] = {}
+    for line in lines[1:]:
+        old_auth = _OLDSTYLE_AUTH_RE.match(line)
+        if old_auth:
+            extensions["AUTH"] = extensions.get("AUTH", "") + " " + old_auth.group(1)
+            continue
+        m = _EHLO_KEYWORD_RE.match(line)
+        if m:
+            feature = m.group("feature").upper()
+            params = line[m.end("feature"):].strip()
+            if feature == "AUTH":
+                extensions[feature] = extensions.get(feature, "") + " " + params
+            else:
+                extensions[feature] = params
+    return extensions
+
+
+def data_payload(message: bytes) -> bytes:
+    """What follows a 354: the message with CRLF line ends (a bare CR or LF becomes CRLF, as
+    smtplib's `_fix_eols`: a lone LF never reaches the server, so no `.` line can be smuggled),
+    dot-stuffed, ending in CRLF, then the terminating `.` line."""
+    lf = message.count(b"\n")
+    if lf != message.count(b"\r\n") or lf != message.count(b"\r"):
+        message = _EOL_RE.sub(b"\r\n", message)
+    body = _DOT_RE.sub(b"..", message)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return body + b".\r\n"
+
+
+def auth_plain_token(username: str, password: str) -> str:
+    """The RFC 4616 PLAIN initial response (UTF-8; smtplib's encoding for ASCII credentials)."""
+    return base64.b64encode(f"\0{username}\0{password}".encode()).decode("ascii")
+
+
+def default_helo_name(smtp_from: str) -> str:
+    """The host's fully qualified name, else the domain of MAIL_SMTP_FROM (its A-label form)."""
+    fqdn = socket.getfqdn()
+    if helo_name_valid(fqdn) and not fqdn.lower().startswith("localhost."):
+        return fqdn.rstrip(".")
+    from mailtrio.message import sender_domain, wire_address
+
+    # the A-label form the envelope uses for the same domain
+    domain = wire_address(f"x@{sender_domain(smtp_from)}").rpartition("@")[2]
+    return domain if re.fullmatch(r"[A-Za-z0-9.-]{1,253}", domain) else "localhost"
 
 
 _STREAM_ERRORS: tuple[type[BaseException], ...] = (
@@ -114,7 +188,10 @@ class SmtpConnection:
                 raise SmtpFailure(phase, "reply has too many lines")
         code = int(lines[0][:3])
         self.last_lines = [ln[4:].decode("utf-8", "replace").strip() for ln in lines]
-        return Reply.parse(code, " ".join(self.last_lines))
+        reply = Reply.parse(code, " ".join(self.last_lines))
+        if code == SERVICE_CLOSING:
+            raise ServiceClosing(phase, reply)
+        return reply
 
     async def write(self, data: bytes, phase: Phase) -> None:
         try:
@@ -136,11 +213,7 @@ class SmtpConnection:
                 raise SmtpFailure(Phase.EHLO, f"EHLO/HELO refused: {helo.summary()}")
             self.extensions = {}
             return
-        extensions: dict[str, str] = {}
-        for ln in lines[1:]:
-            keyword, _, params = ln.partition(" ")
-            extensions[keyword.upper()] = params
-        self.extensions = extensions
+        self.extensions = parse_ehlo(lines)
 
     def supports(self, extension: str) -> bool:
         return extension.upper() in self.extensions
@@ -166,7 +239,7 @@ class SmtpConnection:
         if not self.supports("AUTH"):
             raise SmtpFailure(Phase.AUTH, "the server does not offer AUTH")
         if "PLAIN" in mechanisms:
-            token = base64.b64encode(f"\0{username}\0{password}".encode()).decode("ascii")
+            token = auth_plain_token(username, password)
             reply = await self.command(f"AUTH PLAIN {token}", Phase.AUTH)
         elif "LOGIN" in mechanisms:
             reply = await self.command("AUTH LOGIN", Phase.AUTH)
@@ -203,7 +276,7 @@ class SmtpProvider:
         self.tls_mode = settings.smtp_tls
         self.username = settings.smtp_username
         self._password = settings.smtp_password
-        self.local_hostname = _ehlo_name()
+        self.local_hostname = settings.smtp_helo_name or default_helo_name(settings.smtp_from)
         self.tls_context = tls_context(settings) if self.tls_mode != "none" else None
         self._secrets = self._secret_forms()
 
@@ -277,18 +350,29 @@ class SmtpSession:
 
     async def send(self, envelope: Envelope, message: bytes) -> SendReport:
         p = self.provider
+        retried = False
         try:
-            reused = await self._ensure()
-            try:
-                report = await self._transaction(envelope, message, reused=reused)
-            except _Stale:
-                # A reused connection the server had closed: nothing was accepted, reopen once.
-                await self._drop()
-                await self._ensure()
-                report = await self._transaction(envelope, message, reused=False)
-            if self._conn is not None:
-                self._conn.last_used = time.monotonic()
-            return report
+            while True:
+                try:
+                    reused = await self._ensure()
+                    report = await self._transaction(envelope, message, reused=reused)
+                except ServiceClosing as exc:
+                    # RFC 5321 §3.8: a 421 closes the connection, whatever it answered.
+                    await self._drop()
+                    if exc.phase == Phase.MESSAGE or retried:
+                        return self._closing_report(exc)
+                    retried = True
+                    continue
+                except _Stale:
+                    # A reused connection the server had closed: nothing was accepted, reopen once.
+                    await self._drop()
+                    if retried:
+                        raise
+                    retried = True
+                    continue
+                if self._conn is not None:
+                    self._conn.last_used = time.monotonic()
+                return report
         except (SmtpFailure, _Stale) as exc:
             await self._drop()
             phase = exc.phase
@@ -303,6 +387,16 @@ class SmtpSession:
             # Cancelled (MAIL_SMTP_TIMEOUT or shutdown) mid-exchange: the session state is unknown.
             await self._drop()
             raise
+
+    def _closing_report(self, exc: ServiceClosing) -> SendReport:
+        reply = exc.reply
+        return SendReport(
+            AttemptStatus.PROVIDER_DEFERRED,
+            self.provider.scrub(reply.summary()),
+            exc.phase,
+            reply=reply,
+            handed_over=exc.phase == Phase.MESSAGE,
+        )
 
     async def abort(self) -> None:
         await self._drop()
@@ -336,15 +430,18 @@ class SmtpSession:
     async def _transaction(self, envelope: Envelope, message: bytes, *, reused: bool) -> SendReport:
         conn = self._conn
         assert conn is not None
+        if not envelope.recipients:
+            # Never a DATA without a recipient (with pipelining it would go out unchecked).
+            return SendReport(AttemptStatus.TRANSPORT_FAILED, "no envelope recipient; nothing sent", Phase.RCPT)
         sender = _quote(envelope.sender)
         rcpts = [_quote(r) for r in envelope.recipients]
         options = []
         if envelope.smtputf8:
             if not conn.supports("SMTPUTF8"):
-                return await self._refused(
-                    Phase.MAIL, Reply(553, "the server does not support SMTPUTF8, needed by a non-ASCII address",
-                                      "5.6.7"))
+                return self._smtputf8_unsupported(envelope)
             options.append("SMTPUTF8")
+        if not message.isascii() and conn.supports("8BITMIME"):
+            options.append("BODY=8BITMIME")
         if conn.supports("SIZE"):
             options.append(f"SIZE={len(message)}")
         mail_line = f"MAIL FROM:{sender}" + "".join(f" {o}" for o in options)
@@ -358,6 +455,8 @@ class SmtpSession:
             try:
                 await conn.write(("\r\n".join(commands) + "\r\n").encode("utf-8"), Phase.MAIL)
                 mail = await conn.read_reply(Phase.MAIL)
+            except ServiceClosing:
+                raise
             except SmtpFailure as exc:
                 if reused:
                     raise _Stale(exc.phase, exc.detail) from exc
@@ -367,6 +466,8 @@ class SmtpSession:
         else:
             try:
                 mail = await conn.command(mail_line, Phase.MAIL)
+            except ServiceClosing:
+                raise
             except SmtpFailure as exc:
                 if reused:
                     raise _Stale(exc.phase, exc.detail) from exc
@@ -383,12 +484,14 @@ class SmtpSession:
 
         if mail.code != 250:
             if data.code == 354:
-                await self._abort_data(conn)
+                await self._drop()
             return await self._refused(Phase.MAIL, mail)
         refusal = retry.classify_recipients(rcpt_replies)
         if refusal is not None:
             if data.code == 354:
-                await self._abort_data(conn)
+                # A pipelined DATA accepted with no recipient: never feed it a message, not even
+                # an empty one; the connection goes (the next send opens a new one).
+                await self._drop()
             return await self._refused(Phase.RCPT, refusal.reply, rcpt_replies, refusal)
         if data.code != 354:
             return await self._refused(Phase.DATA, data, rcpt_replies)
@@ -398,10 +501,7 @@ class SmtpSession:
             # the final dot, so the server discards the transaction.
             await self._drop()
             return SendReport.unsent(Phase.DATA, "the lease check failed before the message content")
-        body = _DOT_RE.sub(b"..", message)
-        if not body.endswith(b"\r\n"):
-            body += b"\r\n"
-        await conn.write(body + b".\r\n", Phase.MESSAGE)
+        await conn.write(data_payload(message), Phase.MESSAGE)
         final = await conn.read_reply(Phase.MESSAGE)
         if final.code != 250:
             return await self._refused(Phase.MESSAGE, final, rcpt_replies)
@@ -418,10 +518,18 @@ class SmtpSession:
             handed_over=True,
         )
 
-    async def _abort_data(self, conn: SmtpConnection) -> None:
-        # DATA was accepted although the envelope failed (possible with pipelining): end it empty.
-        await conn.write(b".\r\n", Phase.DATA)
-        await conn.read_reply(Phase.DATA)
+    def _smtputf8_unsupported(self, envelope: Envelope) -> SendReport:
+        """Nothing was sent: the message needs SMTPUTF8 (RFC 6531) and the server lacks it.
+        Permanent: no retry can change what the server offers for this address."""
+        needing = [a for a in (envelope.sender, *envelope.recipients) if not a.isascii()]
+        summary = ("smtputf8_unsupported: the server does not offer SMTPUTF8, needed for "
+                   + ", ".join(needing[:5]) + (f" and {len(needing) - 5} more" if len(needing) > 5 else ""))
+        return SendReport(
+            AttemptStatus.PROVIDER_REJECTED,
+            summary[:1000],
+            Phase.MAIL,
+            extra={"smtputf8_unsupported": needing[:50]},
+        )
 
     async def _refused(
         self,
@@ -463,11 +571,6 @@ def _quote(address: str) -> str:
     if _ADDR_UNSAFE.search(address):
         raise SmtpFailure(Phase.MAIL, f"unsafe envelope address {address!r}")
     return f"<{address}>"
-
-
-def _ehlo_name() -> str:
-    name = socket.gethostname() or "localhost"
-    return name if re.fullmatch(r"[A-Za-z0-9.-]{1,253}", name) else "localhost"
 
 
 def _describe(exc: BaseException) -> str:

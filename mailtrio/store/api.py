@@ -39,6 +39,42 @@ def _recipients_json(value: dict[str, Any] | None) -> dict[str, list[Any]]:
     return {part: recipients.get(part, []) for part in ("to", "cc", "bcc")}
 
 
+# A delivery's status as the outcome of each of its recipients, when none was stored (one
+# recipient, or not tried yet).
+_RECIPIENT_STATUS_OF = {"sent": "accepted", "suppressed": "suppressed", "failed": "rejected",
+                        "dead_letter": "dead_letter"}
+
+
+def recipient_outcomes_json(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every envelope recipient (to, cc, bcc, each address once) with its outcome: `email`,
+    `status` (pending, accepted, deferred, rejected, suppressed, dead_letter), `reply` (the last
+    reply that concerned it) and `attempt_no`."""
+    stored = row.get("recipient_outcomes")
+    if stored:
+        return [
+            {"email": o.get("email"), "status": o.get("status"), "reply": o.get("reply"),
+             "attempt_no": o.get("attempt_no")}
+            for o in stored
+        ]
+    status = _RECIPIENT_STATUS_OF.get(row["status"], "pending")
+    if status == "pending" and row["status"] in ("queued", "rendered", "sending") and row["attempt_count"]:
+        status = "deferred"
+    tried = status != "pending"
+    reply = row["status_reason"] if tried and status != "accepted" else None
+    recipients = row["recipients"] or {}
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for part in ("to", "cc", "bcc"):
+        for value in recipients.get(part) or ():
+            email = value.get("email") if isinstance(value, dict) else value
+            if not isinstance(email, str) or email.lower() in seen:
+                continue
+            seen.add(email.lower())
+            out.append({"email": email, "status": status, "reply": reply,
+                        "attempt_no": row["attempt_count"] if tried and row["attempt_count"] else None})
+    return out
+
+
 def delivery_json(row: dict[str, Any], attempts: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "delivery_id": row["delivery_id"],
@@ -73,6 +109,7 @@ def delivery_json(row: dict[str, Any], attempts: list[dict[str, Any]]) -> dict[s
             if row.get("dl_reason") is not None
             else None
         ),
+        "recipient_outcomes": recipient_outcomes_json(row),
     }
 
 

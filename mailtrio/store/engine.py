@@ -46,6 +46,8 @@ class Claim:
     html_body: str | None
     headers: dict[str, str] | None
     rendered: bool
+    # Per-recipient outcomes of earlier attempts (None until one was stored, see retry.settle).
+    recipient_outcomes: list[dict[str, Any]] | None = None
     # consecutive `interrupted` attempts so far (MAIL_MAX_INTERRUPTED)
     interrupted_streak: int = 0
 
@@ -57,6 +59,7 @@ class Claim:
         payload = _json(row["payload"])
         recipients = _json(row["recipients"])
         headers = _json(row["headers"])
+        outcomes = _json(row.get("recipient_outcomes"))
         return cls(
             delivery_id=row["delivery_id"],
             source=row["source"],
@@ -78,6 +81,7 @@ class Claim:
             html_body=row["html_body"],
             headers=headers if isinstance(headers, dict) else None,
             rendered=row["rendered_at"] is not None,
+            recipient_outcomes=outcomes if isinstance(outcomes, list) else None,
             interrupted_streak=row.get("interrupted_streak") or 0,
         )
 
@@ -164,9 +168,12 @@ class Finish:
     dead_reason: str | None = None
     # the locale of the stored content (None: keep the delivery's)
     resolved_locale: str | None = None
+    # Per-recipient outcomes to store (None: keep what is stored; a delivery with one recipient
+    # stores nothing).
+    recipient_outcomes: list[dict[str, Any]] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "delivery_id": self.delivery_id,
             "lease_started_at": self.lease_started_at.isoformat(),
             "status": self.status,
@@ -182,6 +189,9 @@ class Finish:
             "dead_reason": self.dead_reason,
             "resolved_locale": self.resolved_locale,
         }
+        if self.recipient_outcomes is not None:
+            out["recipient_outcomes"] = self.recipient_outcomes
+        return out
 
 
 def _no_nul(value: Any) -> Any:

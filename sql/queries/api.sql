@@ -49,14 +49,19 @@ SELECT status FROM mail.deliveries WHERE delivery_id = %(delivery_id)s;
 
 -- name: delivery_retry
 -- Back on the schedule with a fresh ladder, in one conditional statement: only a failed or
--- dead-lettered delivery matches, and its dead-letter entry goes in the same statement. The count
--- of consecutive interrupted attempts starts again too (MAIL_MAX_INTERRUPTED).
+-- dead-lettered delivery matches, and its dead-letter entry goes in the same statement. Recipients
+-- already accepted keep their outcome (they are never sent the message again); the others are
+-- tried again. The count of consecutive interrupted attempts starts again too
+-- (MAIL_MAX_INTERRUPTED).
 WITH retried AS (
     UPDATE mail.deliveries d
     SET status = CASE WHEN EXISTS (SELECT 1 FROM mail.payloads p
                                    WHERE p.delivery_id = d.delivery_id AND p.rendered_at IS NOT NULL)
                       THEN 'rendered' ELSE 'queued' END,
         status_reason = NULL,
+        recipient_outcomes = (SELECT jsonb_agg(o ORDER BY n)
+                              FROM jsonb_array_elements(d.recipient_outcomes) WITH ORDINALITY AS e(o, n)
+                              WHERE o->>'status' = 'accepted'),
         ladder_step = 0,
         interrupted_streak = 0,
         next_attempt_at = now(),

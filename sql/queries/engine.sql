@@ -46,6 +46,7 @@ RETURNING d.delivery_id, d.source, d.payload_mode, d.template_id, d.locale,
           coalesce(p.resolved_locale, d.resolved_locale) AS resolved_locale,
           d.recipients::text AS recipients, d.message_id, d.attempt_count, d.ladder_step,
           d.interrupted_streak, d.traceparent, d.lease_started_at, picked.prio, picked.due,
+          d.recipient_outcomes::text AS recipient_outcomes,
           p.payload::text AS payload, p.subject, p.text_body, p.html_body, p.headers::text AS headers,
           p.rendered_at;
 
@@ -94,16 +95,18 @@ RETURNING p.delivery_id;
 -- dead_letters row, all in one statement. `retry_ms` NULL = terminal; otherwise the delivery goes
 -- back on the schedule that many milliseconds from now (`reenter`: it re-enters the schedule now,
 -- for the age metric; `keep_reason`: a released claim keeps its status_reason; `resolved_locale`:
--- the locale the stored content was rendered in). An `interrupted` attempt adds one to the
--- delivery's interrupted_streak, any other attempt resets it (a claim given back without an
--- attempt leaves it). Returns the ids whose fence held (the lease columns, see store_content).
+-- the locale the stored content was rendered in; `recipient_outcomes`: every envelope recipient's
+-- outcome, given only when there is more than one recipient, otherwise the stored value stays).
+-- An `interrupted` attempt adds one to the delivery's interrupted_streak, any other attempt resets
+-- it (a claim given back without an attempt leaves it). Returns the ids whose fence held (the
+-- lease columns, see store_content).
 WITH i AS (
     SELECT *
     FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(
         delivery_id text, lease_started_at timestamptz, status text, status_reason text,
         attempt_status text, elapsed_ms integer, provider_summary text, details jsonb,
         retry_ms bigint, ladder_step integer, reenter boolean, keep_reason boolean,
-        dead_reason text, resolved_locale text)
+        dead_reason text, resolved_locale text, recipient_outcomes jsonb)
 ), d AS (
     UPDATE mail.deliveries d
     SET status = i.status,
@@ -118,6 +121,7 @@ WITH i AS (
         schedule_entered_at = CASE WHEN i.retry_ms IS NOT NULL AND i.reenter THEN now()
                                    ELSE d.schedule_entered_at END,
         resolved_locale = coalesce(i.resolved_locale, d.resolved_locale),
+        recipient_outcomes = coalesce(i.recipient_outcomes, d.recipient_outcomes),
         lease_owner = NULL,
         lease_started_at = NULL,
         lease_expires_at = NULL,

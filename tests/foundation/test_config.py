@@ -234,6 +234,9 @@ RULES: list[tuple[dict[str, str], str]] = [
     ({"MAIL_SMTP_PASSWORD": "pw"}, "MAIL_SMTP_USERNAME"),
     ({"MAIL_SMTP_USERNAME": "user", "MAIL_SMTP_PASSWORD": "pw", "MAIL_SMTP_TLS": "none"}, "MAIL_SMTP_TLS"),
     ({"MAIL_SMTP_TLS": "ssl"}, "MAIL_SMTP_TLS"),
+    ({"MAIL_SMTP_HELO_NAME": "vm"}, "MAIL_SMTP_HELO_NAME"),
+    ({"MAIL_SMTP_HELO_NAME": "mail.example.com\r\nMAIL FROM:<x@y>"}, "MAIL_SMTP_HELO_NAME"),
+    ({"MAIL_SMTP_HELO_NAME": "-bad.example.com"}, "MAIL_SMTP_HELO_NAME"),
     ({"MAIL_SMTP_CA_FILE": "/nonexistent/ca.pem"}, "MAIL_SMTP_CA_FILE"),
     ({"MAIL_SMTP_TIMEOUT": "30"}, "MAIL_SMTP_TIMEOUT"),
     ({"MAIL_SMTP_TIMEOUT": "-1s"}, "MAIL_SMTP_TIMEOUT"),
@@ -299,7 +302,18 @@ def test_variables_table_lists_every_contract_variable() -> None:
         "MAIL_RETENTION_INTERVAL", "MAIL_LOG_FORMAT", "MAIL_LOG_LEVEL",
     }
     # variables beyond the contract, each documented in the README
-    extensions = {"MAIL_CONSOLE_SESSION_TTL", "MAIL_MAX_INTERRUPTED"}
+    extensions = {"MAIL_CONSOLE_SESSION_TTL", "MAIL_MAX_INTERRUPTED", "MAIL_SMTP_HELO_NAME"}
     assert set(VARIABLES) == contract | extensions
     required = {n for n, (req, _, _) in VARIABLES.items() if req}
     assert required == {"MAIL_REDIS_MASTER_ADDR", "MAIL_POSTGRES_PRIMARY_DSN", "MAIL_TEMPLATE_DIR", "MAIL_SMTP_MODE"}
+
+
+@pytest.mark.parametrize("name", ["mail.example.com", "mx1.mail.example.com.", "[192.0.2.1]", "[IPv6:2001:db8::1]",
+                                  "xn--fa-hia.de"])
+def test_helo_name_accepts_qualified_names_and_address_literals(name: str) -> None:
+    assert Settings.from_env(env(MAIL_SMTP_HELO_NAME=name)).smtp_helo_name == name
+
+
+def test_helo_name_default_is_left_to_the_provider() -> None:
+    # No name lookup at configuration time (it can be network I/O): None means the default.
+    assert Settings.from_env(env()).smtp_helo_name is None

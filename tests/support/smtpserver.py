@@ -13,8 +13,16 @@ scripted per recipient address (regular expressions, first match wins):
     slow_rcpt                 wait `delay_s` before answering RCPT (250), i.e. before DATA
     drop                      read the message, then close the connection without a reply
 
+    close421                  421 4.3.2 on RCPT, then the server closes the connection
+
 A rule may carry `times`: it applies to the first N transactions for a matching address, after
-which the address is accepted (a flaky server). Every accepted message is appended to a JSON-lines
+which the address is accepted (a flaky server).
+
+Server-wide options: `smtputf8` (offer SMTPUTF8, default true), `auth_oldstyle` (advertise
+`AUTH=PLAIN LOGIN`, the pre-RFC 2554 form, instead of `AUTH LOGIN PLAIN`), `mail421` (answer the
+first N MAIL commands with 421 and close), `data_without_rcpt` (answer DATA with 354 even when no
+recipient was accepted, and record whatever the client then sends as `empty_data`). Each EHLO is
+recorded with the name the client gave (`ehlo`). Every accepted message is appended to a JSON-lines
 file with its Message-ID, so tests can count what reached the server; dropped, stalled and refused
 transactions are recorded too, with their `event`.
 
@@ -49,6 +57,7 @@ RCPT_REPLIES = {
     "reject": "550 5.1.1 User unknown",
     "suppress": "550 5.7.1 Recipient address is on the suppression list (suppressed)",
     "rcpt552": "552 5.3.4 Too many recipients for now",
+    "close421": "421 4.3.2 Service shutting down, closing transmission channel",
 }
 DATA_REPLIES = {
     "data_defer": "451 4.3.0 Queue full, try again later",
@@ -68,6 +77,8 @@ class _Handler:
         self.record = self.record_path.open("a", encoding="utf-8")
         self.pipelining = bool(config.get("pipelining", True))
         self.implicit_tls = config.get("tls") == "tls"
+        self.auth_oldstyle = bool(config.get("auth_oldstyle", False))
+        self.mail421 = int(config.get("mail421", 0))
 
     def _rule_for(self, address: str) -> dict[str, Any] | None:
         for i, (pattern, rule) in enumerate(self.rules):
@@ -90,10 +101,26 @@ class _Handler:
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
+        self._write({"event": "ehlo", "hostname": hostname})
         if self.pipelining:
             # aiosmtpd reads commands one by one from its stream, so pipelined commands just work.
             responses.insert(-1, "250-PIPELINING")
+        if self.auth_oldstyle:
+            responses = [("250-AUTH=" + r[len("250-AUTH "):]) if r.startswith("250-AUTH ") else r
+                         for r in responses]
         return responses
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        if self.mail421 > 0:
+            self.mail421 -= 1
+            self._write({"event": "mail421", "address": address})
+            asyncio.get_running_loop().call_later(0.05, server.transport.close)
+            return "421 4.7.0 Too many connections, closing transmission channel"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
@@ -106,6 +133,8 @@ class _Handler:
             self._use(rule, address)
             reply = RCPT_REPLIES[rule["action"]]
             self._write({"event": "rcpt_refused", "address": address, "reply": reply})
+            if rule["action"] == "close421":
+                asyncio.get_running_loop().call_later(0.05, server.transport.close)
             return reply
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
@@ -116,6 +145,7 @@ class _Handler:
         entry = {
             "message_id": found.group(1).decode() if found else None,
             "mail_from": envelope.mail_from,
+            "mail_options": list(envelope.mail_options),
             "rcpt_tos": list(envelope.rcpt_tos),
             "size": len(data),
             "auth": session.authenticated,
@@ -167,16 +197,38 @@ def _serve(config: dict[str, Any]) -> None:
             handler._write({"event": "auth_failed", "mechanism": mechanism})
         return AuthResult(success=ok, handled=False)
 
+    data_without_rcpt = bool(config.get("data_without_rcpt", False))
+
     class RecordingSMTP(SMTP):  # type: ignore[misc]
         def connection_made(self, transport: Any) -> None:
             if self.transport is None:  # not the TLS transport replacing it after STARTTLS
                 handler._write({"event": "connect"})
             super().connection_made(transport)
 
+        async def smtp_DATA(self, arg: str) -> None:
+            if not (data_without_rcpt and self.envelope is not None and not self.envelope.rcpt_tos):
+                await super().smtp_DATA(arg)
+                return
+            # A broken server: 354 with no recipient. Whatever comes next is recorded.
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            received = b""
+            try:
+                while not received.endswith(b"\r\n.\r\n") and received != b".\r\n":
+                    received += await asyncio.wait_for(self._reader.readuntil(b"\r\n"), 5)
+            except asyncio.CancelledError:
+                # aiosmtpd cancels the command's coroutine when the client closes the connection
+                handler._write({"event": "dropped_after_354", "received": received.decode("latin-1")})
+                raise
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                handler._write({"event": "dropped_after_354", "received": received.decode("latin-1")})
+                return
+            handler._write({"event": "empty_data", "received": received.decode("latin-1")})
+            await self.push("250 2.0.0 Ok: queued (no recipient)")
+
     def factory() -> SMTP:
         kwargs: dict[str, Any] = {
             "hostname": "mt-test-smtp",
-            "enable_SMTPUTF8": True,
+            "enable_SMTPUTF8": bool(config.get("smtputf8", True)),
             "timeout": 60,
         }
         if tls_mode == "starttls":
@@ -247,6 +299,7 @@ class SmtpTestServer:
         certs: Certs | None = None,
         port: int = 0,
         pipelining: bool = True,
+        **options: Any,
     ) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
@@ -260,6 +313,7 @@ class SmtpTestServer:
             "auth": {"user": auth[0], "password": auth[1]} if auth else None,
             "port": port,
             "pipelining": pipelining,
+            **options,
         }
         if self.certs is not None:
             self.config.update(cert=str(self.certs.cert_file), key=str(self.certs.key_file))
@@ -342,6 +396,9 @@ class SmtpTestServer:
             if time.monotonic() > deadline:
                 raise AssertionError(f"SMTP server accepted {len(got)} of {count} messages in {timeout}s")
             time.sleep(0.05)
+
+    def ehlo_names(self) -> list[str]:
+        return [e["hostname"] for e in self.events() if e["event"] == "ehlo"]
 
     def connections(self) -> int:
         return sum(1 for e in self.events() if e["event"] == "connect")
