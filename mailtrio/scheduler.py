@@ -11,10 +11,11 @@ waiting while the next claim and render overlap the sending. The buffer is bound
 `ahead` jobs held beyond the busy workers, claims in flight included), first in first out, and
 small: an authsession delivery claimed next waits behind at most about one attempt per worker.
 Every buffered job is under its lease, whose time in the buffer counts (the worker's send window
-is measured from before the claim; a job whose lease ran short while buffered is given back
-unsent by the worker). A claim for an idle worker with nothing buffered starts at once; further
-claims wait until at least a share of the window (half the pool) is free, so that under load
-claims stay large; a second claim may overlap the first so that commits overlap.
+is measured from before the claim): a job waits in the buffer only until its send window would
+fall below MIN_SEND_SECONDS, and is then given back unsent (so would the worker that took it).
+A claim for an idle worker with nothing buffered starts at once; further claims wait until at
+least a share of the window (half the pool) is free, so that under load claims stay large; a
+second claim may overlap the first so that commits overlap.
 
 When nothing more is due the loop sleeps until the first of: a NOTIFY on `mail_schedule` (intake
 commits, deliveries put back), the earliest future `next_attempt_at` (so scheduled sends and
@@ -47,7 +48,7 @@ from mailtrio import bridge, log, telemetry
 from mailtrio.config import Settings
 from mailtrio.store import Conn, Database
 from mailtrio.store import engine as store
-from mailtrio.workers import Job, Prepared, WorkerPool, release
+from mailtrio.workers import LEASE_MARGIN, MIN_SEND_SECONDS, Job, Prepared, WorkerPool, release
 
 if TYPE_CHECKING:
     from mailtrio.identity import InstanceIdentity
@@ -278,10 +279,18 @@ class Scheduler:
             handed = 0
             try:
                 for job in jobs:
-                    await self.send_channel.send(job)
-                    handed += 1
-                    self.buffered -= 1
-                    self._capacity.set()
+                    # A job waits in the buffer only while a worker could still send it (the
+                    # worker's own check gives it back past the same point).
+                    with trio.move_on_at(job.lease_end - LEASE_MARGIN - MIN_SEND_SECONDS):
+                        await self.send_channel.send(job)
+                        handed += 1
+                        self.buffered -= 1
+                        self._capacity.set()
+                        continue
+                    # The rest of this claim shares its lease: it ran short in the buffer.
+                    _log.warning("claims given back: the lease ran short in the buffer",
+                                 count=len(jobs) - handed, buffered_s=round(trio.current_time() - job.claimed_at, 3))
+                    break
             finally:
                 if handed < len(jobs):
                     self.buffered -= len(jobs) - handed
