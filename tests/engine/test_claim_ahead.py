@@ -1,13 +1,17 @@
 """Claim ahead, in-process against a real database and SMTP server: the scheduler keeps a bounded
 buffer of claimed, rendered jobs ahead of busy workers; cancelled (shutdown), it gives the
 buffered jobs back at once while the attempts in flight finish; a job whose lease ran short while
-it waited in the buffer is given back unsent and sent later, exactly once."""
+it waited in the buffer is given back unsent and sent later, exactly once; and through `mailtrio
+serve`, SIGTERM gives the buffered jobs back before the attempts in flight have finished."""
 
 from __future__ import annotations
 
 import dataclasses
+import signal
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from datetime import datetime
 
 import pytest
 import trio
@@ -22,7 +26,7 @@ from mailtrio.workers import LEASE_MARGIN, Job, WorkerPool
 from tests.engine import helpers as h
 from tests.engine.conftest import smtp_env
 from tests.engine.test_engine_inprocess import poll
-from tests.support.serve import TEMPLATES
+from tests.support.serve import TEMPLATES, ServeProcess
 from tests.support.smtpserver import SmtpTestServer
 
 
@@ -94,7 +98,6 @@ class ShortLease(Settings):
 
 async def test_a_job_whose_lease_ran_short_in_the_buffer_is_given_back_unsent(
     db: Database, database: str, service_env: dict[str, str], smtp_factory: Callable[..., SmtpTestServer],
-    tmp_path: Path,
 ) -> None:
     # The first transaction waits 2.4 s before RCPT: the job buffered behind it would have less
     # than MIN_SEND_SECONDS of its 3 s send window left when the only worker is free again, so
@@ -126,3 +129,45 @@ async def test_a_job_whose_lease_ran_short_in_the_buffer_is_given_back_unsent(
     assert [a["status"] for a in h.attempts(database, "next")] == ["provider_accepted"]
     accepted = server.accepted_by_message_id()
     assert sorted(len(accepted[rows[i]["message_id"]]) for i in ids) == [1, 1, 1]
+
+
+def test_sigterm_gives_buffered_jobs_back_at_once(
+    service_env: dict[str, str], smtp_factory: Callable[..., SmtpTestServer]
+) -> None:
+    """Through `mailtrio serve`: at SIGTERM the jobs claimed ahead go back on the schedule before
+    the attempts in flight have even finished; those finish and are sent once; nothing is left
+    `sending`."""
+    server = smtp_factory(tls="none", auth=None,
+                          rules=[{"match": "@example\\.com$", "action": "slow_rcpt", "delay_s": 4}])
+    env = smtp_env(service_env, server, MAIL_SMTP_TIMEOUT="20s", MAIL_SHUTDOWN_TIMEOUT="15s",
+                   MAIL_ATTEMPT_WORKER_CONCURRENCY="4")
+    dsn = env["MAIL_POSTGRES_PRIMARY_DSN"]
+    workers = 4
+    ahead = CLAIM_AHEAD_PER_WORKER * workers
+    h.insert(dsn, [h.delivery(f"s{i}") for i in range(20)])
+    with ServeProcess(env) as proc:
+        proc.wait_ready()
+        deadline = time.monotonic() + 20
+        while h.status_counts(dsn).get("sending", 0) < workers + ahead:
+            assert time.monotonic() < deadline, h.status_counts(dsn)
+            time.sleep(0.05)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert proc.events()[-1] == "shutdown complete"
+        given_back = proc.find("claims given back")
+        events = proc.events()
+    assert sum(e["count"] for e in given_back) == ahead
+    assert events.index("claims given back") < events.index("attempt workers stopped")
+    accepted = server.accepted()
+    assert len(accepted) == workers  # the attempts in flight finished, each sent once
+    # given back before any attempt in flight had its reply
+    back_at = min(datetime.fromisoformat(e["timestamp"]).timestamp() for e in given_back)
+    assert back_at < min(e["ts"] for e in accepted)
+    rows = h.deliveries(dsn)
+    assert not [r for r in rows.values() if r["status"] == "sending"]
+    assert Counter(r["status"] for r in rows.values()) == {"sent": workers, "rendered": ahead,
+                                                            "queued": 20 - workers - ahead}
+    assert {r["message_id"] for r in rows.values() if r["status"] == "sent"} == {e["message_id"] for e in accepted}
+    for r in rows.values():
+        if r["status"] == "rendered":
+            assert r["attempt_count"] == 0 and h.attempts(dsn, r["delivery_id"]) == []
