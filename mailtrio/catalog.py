@@ -2,7 +2,17 @@
 
 Layout: `<root>/<template_id>/<locale>/subject.txt.j2`, `body.txt.j2` (required) and
 `body.html.j2` (optional); shared pieces under `<root>/_partials/`. Everything is parsed once at
-startup in a sandboxed environment where undefined variables are errors and HTML is autoescaped.
+startup in sandboxed environments where undefined variables are errors.
+
+Escaping follows what is rendered, not file names: `body.html.j2` and everything it includes,
+imports or extends (partials and macros, whatever their names) are compiled in an environment
+that autoescapes everything; subjects and text bodies in one that escapes nothing.
+
+Size: a rendered subject longer than MAX_SUBJECT characters, or a body part beyond
+MAX_BODY_OCTETS of UTF-8, fails the delivery with `render_failed: too large`; rendering stops as
+soon as the output passes the bound, so a runaway template costs at most that much work.
+`render_off_loop` runs a render in a worker thread (for large inputs, so that the event loop is
+never blocked for long).
 """
 
 from __future__ import annotations
@@ -11,11 +21,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jinja2
+import trio
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from mailtrio import message
 
 SUBJECT = "subject.txt.j2"
 TEXT = "body.txt.j2"
@@ -23,6 +36,14 @@ HTML = "body.html.j2"
 PARTIALS = "_partials"
 _TEMPLATE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LOCALE_RE = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-(?:[A-Z]{2}|[0-9]{3}))?$")
+# Bounds on rendered content (CONTRACT §5 extension): the subject as a header the builder folds
+# within 998-octet lines (the same bound intake applies to a rendered-mode subject), and each body
+# part, in octets of UTF-8.
+MAX_SUBJECT: Final = message.MAX_SUBJECT
+MAX_BODY_OCTETS: Final = 1024 * 1024
+# Variables whose JSON text is larger than this are rendered off the event loop by callers that
+# can (`render_off_loop`); smaller ones render inline in well under a millisecond.
+OFF_LOOP_BYTES: Final = 64 * 1024
 
 
 class CatalogError(Exception):
@@ -35,6 +56,10 @@ class CatalogError(Exception):
 
 class RenderError(Exception):
     """Rendering one delivery failed (undefined variable, sandbox violation, ...)."""
+
+
+class TooLarge(RenderError):
+    """The rendered subject or a body part is beyond its bound."""
 
 
 @dataclass(frozen=True)
@@ -61,17 +86,32 @@ def locale_chain(locale: str, default_locale: str) -> list[str]:
     return chain
 
 
-def _environment(root: Path) -> ImmutableSandboxedEnvironment:
+def _environment(root: Path, *, html: bool) -> ImmutableSandboxedEnvironment:
+    """The environment of HTML bodies (`html`: everything autoescaped, whatever the file is
+    called, so that partials and macros a body pulls in are escaped too) or of subjects and text
+    bodies (nothing escaped)."""
     return ImmutableSandboxedEnvironment(
         loader=jinja2.FileSystemLoader(str(root)),
         undefined=jinja2.StrictUndefined,
-        autoescape=jinja2.select_autoescape(
-            enabled_extensions=("html.j2", "html"), default_for_string=False, default=False
-        ),
+        autoescape=html,
         keep_trailing_newline=False,
         auto_reload=False,
         cache_size=-1,
     )
+
+
+def _bounded(template: jinja2.Template, ctx: dict[str, Any], limit: int, what: str, *, octets: bool) -> str:
+    """Render, stopping with TooLarge as soon as the output passes `limit` (characters, or
+    octets of UTF-8 when `octets`)."""
+    parts: list[str] = []
+    size = 0
+    for chunk in template.generate(ctx):
+        size += len(chunk.encode("utf-8")) if octets and not chunk.isascii() else len(chunk)
+        if size > limit:
+            unit = "octets" if octets else "characters"
+            raise TooLarge(f"too large: the {what} passes {limit} {unit}")
+        parts.append(chunk)
+    return "".join(parts)
 
 
 def _describe(exc: BaseException, root: Path, fallback: str) -> str:
@@ -125,7 +165,8 @@ class Catalog:
         problems: list[str] = []
         if not root.is_dir():
             raise CatalogError([f"{root}:1: template directory does not exist"])
-        env = _environment(root)
+        env = _environment(root, html=False)
+        html_env = _environment(root, html=True)
         catalog = cls(root=root, default_locale=default_locale)
         # Partials are parsed too, so a broken one is reported even if nothing includes it yet.
         partials = root / PARTIALS
@@ -151,7 +192,7 @@ class Catalog:
                 if not LOCALE_RE.match(ldir.name):
                     problems.append(f"{ldir}:1: locale directory {ldir.name!r} is not canonical BCP 47")
                     continue
-                entry = catalog._load_locale(env, root, ldir, problems)
+                entry = catalog._load_locale(env, html_env, root, ldir, problems)
                 if entry is not None:
                     locales[ldir.name] = entry
             if default_locale not in locales and not any(
@@ -169,7 +210,7 @@ class Catalog:
         return catalog
 
     def _load_locale(
-        self, env: jinja2.Environment, root: Path, ldir: Path, problems: list[str]
+        self, env: jinja2.Environment, html_env: jinja2.Environment, root: Path, ldir: Path, problems: list[str]
     ) -> _Entry | None:
         loaded: dict[str, jinja2.Template] = {}
         ok = True
@@ -181,15 +222,16 @@ class Catalog:
                     ok = False
                 continue
             rel = path.relative_to(root).as_posix()
+            use = html_env if name == HTML else env
             try:
-                template = env.get_template(rel)
+                template = use.get_template(rel)
                 # Jinja keeps a template's globals as a ChainMap over the environment's, and every
                 # render copies it into a fresh context; the catalog never changes after loading,
                 # so a plain dict snapshot renders the same and costs a third less per render.
                 template.globals = dict(template.globals)
                 loaded[name] = template
                 # Parse everything it includes/extends/imports now, not at first render.
-                if not _check_references(env, path, problems):
+                if not _check_references(use, path, problems):
                     ok = False
             except UnicodeDecodeError as exc:
                 problems.append(f"{path}:1: not valid UTF-8 ({exc.reason})")
@@ -216,9 +258,17 @@ class Catalog:
         entry = self._entries[template_id][resolved]
         ctx = dict(variables)
         try:
-            subject = " ".join(entry.subject.render(ctx).split())
-            text = entry.text.render(ctx).strip("\n")
-            html = entry.html.render(ctx) if entry.html is not None else None
+            # the raw subject may hold whitespace that is collapsed: bound it at 4x first
+            subject = " ".join(_bounded(entry.subject, ctx, 4 * MAX_SUBJECT, "subject", octets=False).split())
+            if len(subject) > MAX_SUBJECT:
+                raise TooLarge(f"too large: the subject passes {MAX_SUBJECT} characters")
+            text = _bounded(entry.text, ctx, MAX_BODY_OCTETS, "text body", octets=True).strip("\n")
+            html = (
+                _bounded(entry.html, ctx, MAX_BODY_OCTETS, "html body", octets=True)
+                if entry.html is not None else None
+            )
+        except RenderError:
+            raise
         except jinja2.UndefinedError as exc:
             raise RenderError(f"undefined variable: {exc.message}") from exc
         except jinja2.exceptions.SecurityError as exc:
@@ -231,3 +281,10 @@ class Catalog:
             raise RenderError("empty body")
         return Rendered(subject=subject, text=text if text.strip() else None, html=html, resolved_locale=resolved)
 
+
+
+async def render_off_loop(catalog: Catalog, template_id: str, locale: str, variables: Mapping[str, Any]) -> Rendered:
+    """`catalog.render` in a worker thread (the catalog is immutable once loaded, and Jinja
+    templates render safely from several threads): for large inputs, which would block the event
+    loop for too long. Cancellation waits for the render, which is bounded (see MAX_BODY_OCTETS)."""
+    return await trio.to_thread.run_sync(catalog.render, template_id, locale, variables)

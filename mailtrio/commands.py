@@ -5,16 +5,24 @@ values arrive as raw bytes (possibly invalid UTF-8, huge, or missing) and every 
 exactly one `Command` (well-formed, ready to be stored) or one `Malformed` (failure code and a
 human detail, plus the raw entry escaped for storage).
 
-Which code wins when an entry has several problems follows the contract: `unsafe_header` (CR,
-LF or NUL in a header name or value, the subject, or a recipient name or address) is checked
-first, over every part of the payload that was parsed; then `payload_too_large` (an oversized
-payload is never parsed), `invalid_json`, `missing_field`, `invalid_field`, `invalid_locale`,
-`invalid_recipient` and `unknown_template`. `idempotency_conflict` is decided later by the
-database.
+Which code wins when an entry has several problems follows the contract: `unsafe_header` (any
+C0 control character but TAB, or DEL, in a header name or value, the subject, or a recipient
+name or address) is checked first, over every part of the payload that was parsed; then
+`payload_too_large` (an oversized payload is never parsed), `invalid_json`, `missing_field`,
+`invalid_field`, `invalid_locale`, `invalid_recipient` and `unknown_template`.
+`idempotency_conflict` is decided later by the database, `stale_command` by the consumer.
+
+Bounds that later stages rely on (the message builder, the row decoder, the SMTP client) are
+enforced here, so that a command accepted at intake can always be built and sent: nesting of
+at most MAX_DEPTH levels, at most MAX_RECIPIENTS envelope recipients, bounded subject, display
+names and header values, header names by the builder's own rule (`message.header_name_allowed`)
+and structured headers that can be folded within 998-octet lines.
 
 A well-formed command also gets its idempotency fingerprint: a SHA-256 over every contract
-field but `traceparent`, with the payload canonicalised (parsed, keys sorted, compact), so the
-same content sent twice with different JSON spacing or key order is a duplicate.
+field but `traceparent`, with the payload canonicalised (parsed, keys sorted, compact, and
+numbers by value: an integral float is written as the integer it equals, so `1` and `1.0`, or
+`1e20` and `100000000000000000000.0`, make the same fingerprint), so the same content sent
+twice with different JSON spelling is a duplicate.
 """
 
 from __future__ import annotations
@@ -32,9 +40,22 @@ import langcodes
 import orjson
 from email_validator import EmailNotValidError, validate_email
 
+from mailtrio import message
+from mailtrio.message import MAX_LINE_OCTETS, STRUCTURED, UNSAFE_CONTROL_RE, header_name_allowed, structured_value_fits
+
 # -- the contract's limits -------------------------------------------------------------------
 MAX_PAYLOAD_BYTES: Final = 512 * 1024
 MAX_TO: Final = 50
+# to + cc + bcc together (each message goes to at most this many envelope recipients)
+MAX_RECIPIENTS: Final = 100
+# JSON nesting of the payload (the payload object itself is level 1)
+MAX_DEPTH: Final = 32
+# Header-bound text, in characters: the builder folds each within 998-octet lines (RFC 2047
+# encoded words where needed); the rendered subject of a template is held to the same bound.
+MAX_SUBJECT: Final = message.MAX_SUBJECT
+MAX_NAME: Final = 256
+MAX_HEADER_VALUE: Final = 2048
+MAX_HEADERS: Final = 50
 MAX_SEND_AHEAD: Final = timedelta(days=366)
 SOURCES: Final = ("authsession", "notification")
 MODES: Final = ("template", "rendered")
@@ -50,6 +71,7 @@ FAILURE_CODES: Final = (
     "unsafe_header",
     "payload_too_large",
     "idempotency_conflict",
+    "stale_command",
 )
 
 # Stored copies of a malformed entry are bounded: an attacker's 100 MB field is not kept whole.
@@ -68,9 +90,8 @@ _RFC3339_RE = re.compile(
 # W3C trace context: version-traceid-parentid-flags; future versions may append fields.
 _TRACEPARENT_RE = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\x00-\x20\x7f]*)?")
 # RFC 5322 field-name: printable US-ASCII except the colon.
-_FIELD_NAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")
-_ALLOWED_HEADERS: Final = ("list-unsubscribe", "list-unsubscribe-post")
-_UNSAFE_RE = re.compile(r"[\r\n\x00]")
+# C0 controls but TAB, and DEL (the builder's rule: they never reach a header)
+_UNSAFE_RE = UNSAFE_CONTROL_RE
 # `\u0000` in a JSON text that is not itself an escaped backslash followed by "u0000".
 _JSON_NUL_RE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
@@ -210,6 +231,7 @@ def _validate(
         _check_recipient_shapes_present(payload, rec_key)
     if not _absent(payload, "reply_to"):
         _check_recipient_present(payload["reply_to"], "payload.reply_to")
+    has_float = _check_depth(payload, canonical)
 
     # Entry field values.
     delivery_id = _text(raw, "delivery_id")
@@ -233,7 +255,11 @@ def _validate(
         if not isinstance(template_id, str) or not template_id.strip():
             raise _Reject("invalid_field", "payload.template_id must be a non-blank string")
     else:
-        _content(payload, "subject", required=True)
+        subject = _content(payload, "subject", required=True)
+        if len(subject) > MAX_SUBJECT:
+            raise _Reject(
+                "invalid_field", f"payload.subject is {len(subject)} characters long; at most {MAX_SUBJECT} are allowed"
+            )
         text = _content(payload, "text", required=False)
         html = _content(payload, "html", required=False)
         if not text and not html:
@@ -266,6 +292,12 @@ def _validate(
         raise _Reject("invalid_recipient", "payload.to must have at least one recipient")
     if len(to) > MAX_TO:
         raise _Reject("invalid_recipient", f"payload.to has {len(to)} recipients; at most {MAX_TO} are allowed")
+    total = len(to) + len(payload.get("cc") or ()) + len(payload.get("bcc") or ())
+    if total > MAX_RECIPIENTS:
+        raise _Reject(
+            "invalid_recipient",
+            f"to, cc and bcc have {total} recipients together; at most {MAX_RECIPIENTS} are allowed",
+        )
     recipients = {
         "to": [_recipient(r, f"payload.to[{i}]") for i, r in enumerate(to)],
         "cc": [_recipient(r, f"payload.cc[{i}]") for i, r in enumerate(payload.get("cc") or ())],
@@ -278,7 +310,8 @@ def _validate(
     if template_id is not None and not has_template(template_id):
         raise _Reject("unknown_template", f"template {_show(template_id)} is not in the catalog")
 
-    material = "\x1e".join((delivery_id, source, key, payload_mode, locale, send_at_c, canonical))
+    by_value = _canonical_numbers(payload) if has_float else canonical
+    material = "\x1e".join((delivery_id, source, key, payload_mode, locale, send_at_c, by_value))
     return Command(
         stream_entry_id=entry_id,
         delivery_id=delivery_id,
@@ -355,6 +388,8 @@ def _parse_payload(data: bytes) -> tuple[Any, str]:
     except orjson.JSONDecodeError as exc:
         if isinstance(exc.__cause__, UnicodeDecodeError) or "UTF-8" in str(exc):
             raise _Reject("invalid_json", "payload is not valid UTF-8") from None
+        if "depth limit" in str(exc) or "recursion" in str(exc).lower():
+            raise _Reject("invalid_field", f"payload is nested deeper than {MAX_DEPTH} levels") from None
         raise _Reject("invalid_json", f"payload is not valid JSON: {_short(str(exc))}") from None
     except orjson.JSONEncodeError:
         pass  # fall through to the exact path
@@ -365,17 +400,62 @@ def _parse_payload(data: bytes) -> tuple[Any, str]:
     try:
         value = _DECODER.decode(text)
     except RecursionError:
-        raise _Reject("invalid_json", "payload is nested too deeply") from None
+        raise _Reject("invalid_field", f"payload is nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
         raise _Reject("invalid_json", f"payload is not valid JSON: {_short(str(exc))}") from None
     try:
         canonical = _CANONICAL.encode(value)
         canonical.encode("utf-8")
     except RecursionError:
-        raise _Reject("invalid_json", "payload is nested too deeply") from None
+        raise _Reject("invalid_field", f"payload is nested deeper than {MAX_DEPTH} levels") from None
     except UnicodeEncodeError:
         raise _Reject("invalid_json", "payload contains an unpaired UTF-16 surrogate escape") from None
     return value, canonical
+
+
+_MAYBE_FLOAT_RE = re.compile(r"\d[.eE]")
+
+
+def _check_depth(payload: Any, canonical: str) -> bool:
+    """Refuse nesting deeper than MAX_DEPTH; return whether the payload may hold a float.
+
+    Walks the value only when its canonical text has more opening brackets than the limit or
+    something that looks like a fractional number (the common payload needs neither)."""
+    deep = canonical.count("[") + canonical.count("{") > MAX_DEPTH
+    maybe_float = _MAYBE_FLOAT_RE.search(canonical) is not None
+    if not deep and not maybe_float:
+        return False
+    has_float = False
+    stack: list[tuple[Any, int]] = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            if isinstance(value, float):
+                has_float = True
+            continue
+        if depth > MAX_DEPTH:
+            raise _Reject("invalid_field", f"payload is nested deeper than {MAX_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+    return has_float
+
+
+def _by_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {k: _by_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_by_value(v) for v in value]
+    return value
+
+
+def _canonical_numbers(payload: Any) -> str:
+    """The canonical text with every integral float written as the integer it equals."""
+    return _CANONICAL.encode(_by_value(payload))
 
 
 def _absent(payload: dict[str, Any], key: str) -> bool:
@@ -416,9 +496,16 @@ def _check_unsafe_recipient(item: Any, where: str) -> None:
                 raise _Reject("unsafe_header", f"{where}.{part} contains {_which_unsafe(value)}")
 
 
+_CONTROL_NAMES: Final = {"\r": "CR", "\n": "LF", "\x00": "NUL", "\x7f": "DEL"}
+
+
 def _which_unsafe(text: str) -> str:
-    found = [label for ch, label in (("\r", "CR"), ("\n", "LF"), ("\x00", "NUL")) if ch in text]
-    return " and ".join(found)
+    found: list[str] = []
+    for ch in _UNSAFE_RE.findall(text):
+        label = _CONTROL_NAMES.get(ch, f"control character U+{ord(ch):04X}")
+        if label not in found:
+            found.append(label)
+    return " and ".join(found[:3])
 
 
 def _check_recipient_shapes_present(payload: dict[str, Any], key: str) -> None:
@@ -449,17 +536,28 @@ def _check_headers(headers: Any) -> None:
         return
     if not isinstance(headers, dict):
         raise _Reject("invalid_field", "payload.headers must be an object of header name -> string")
+    if len(headers) > MAX_HEADERS:
+        raise _Reject("invalid_field", f"payload.headers has {len(headers)} headers; at most {MAX_HEADERS} are allowed")
     for name, value in headers.items():
-        if not _FIELD_NAME_RE.fullmatch(name):
-            raise _Reject("invalid_field", f"header name {_show(name)} is not a valid header field name")
-        lowered = name.lower()
-        if not ((lowered.startswith("x-") and len(lowered) > 2) or lowered in _ALLOWED_HEADERS):
+        if not header_name_allowed(name):
             raise _Reject(
                 "invalid_field",
-                f"header {_show(name)} is not allowed (only X-*, List-Unsubscribe, List-Unsubscribe-Post)",
+                f"header {_show(name)} is not allowed (only X-*, List-Unsubscribe, List-Unsubscribe-Post; "
+                "a field name is 1-76 printable ASCII characters without ':')",
             )
         if not isinstance(value, str):
             raise _Reject("invalid_field", f"header {_show(name)} must have a string value")
+        if len(value) > MAX_HEADER_VALUE:
+            raise _Reject(
+                "invalid_field",
+                f"header {_show(name)} is {len(value)} characters long; at most {MAX_HEADER_VALUE} are allowed",
+            )
+        if name.lower() in STRUCTURED and not structured_value_fits(name, value):
+            raise _Reject(
+                "invalid_field",
+                f"header {_show(name)} cannot be folded within {MAX_LINE_OCTETS}-octet lines: it must be "
+                f"ASCII and every part between spaces must fit on one line",
+            )
 
 
 def _send_at(raw: Mapping[bytes, Any], now: datetime) -> tuple[datetime | None, str]:
@@ -541,6 +639,10 @@ def _recipient(item: Any, where: str) -> dict[str, str | None]:
             raise _Reject("invalid_field", f"{where}.email must be a string")
         if name is not None and not isinstance(name, str):
             raise _Reject("invalid_field", f"{where}.name must be a string")
+        if name is not None and len(name) > MAX_NAME:
+            raise _Reject(
+                "invalid_field", f"{where}.name is {len(name)} characters long; at most {MAX_NAME} are allowed"
+            )
     else:
         raise _Reject("invalid_field", f"{where} must be an address string or an object with 'email'")
     normalized = normalize_address(email)
@@ -659,3 +761,13 @@ def conflict(command: Command, detail: str, fields: Mapping[Any, Any]) -> Malfor
         source=command.source,
         fields=raw_fields(fields),
     )
+
+
+def stale(stream_entry_id: str, fields: Mapping[Any, Any], age_s: float, ttl_s: float) -> Malformed:
+    """An entry older than MAIL_IDEMPOTENCY_TTL read (again): its reservation may be gone, so it
+    is quarantined rather than turned into a delivery that may already have been sent."""
+    detail = (
+        f"stream entry is {age_s:.0f}s old, older than MAIL_IDEMPOTENCY_TTL ({ttl_s:.0f}s): read again "
+        "(a consumer group re-created on an untrimmed stream?) or consumed too late; not delivered"
+    )
+    return _malformed(stream_entry_id, fields, "stale_command", detail)

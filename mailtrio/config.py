@@ -188,7 +188,8 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
                           "the last step dead-letters"),
     "MAIL_MAX_INTERRUPTED": (False, "3", "consecutive `interrupted` attempts (lease rescued, restart, shutdown "
                              "put-back) after which a delivery is dead-lettered `repeatedly interrupted` (1-1000)"),
-    "MAIL_IDEMPOTENCY_TTL": (False, "168h", "how long an idempotency reservation is kept"),
+    "MAIL_IDEMPOTENCY_TTL": (False, "168h", "an idempotency reservation lasts max(accepted, send_at) + this, and "
+                             "while its delivery is unfinished; older stream entries are stale_command and trimmed"),
     "MAIL_RETENTION_PERIOD": (False, "720h", "age after which terminal rows are deleted"),
     "MAIL_RETENTION_INTERVAL": (False, "1h", "how often the retention worker runs"),
     "MAIL_LOG_FORMAT": (False, "json", "`json` (one object per line on stdout) or `console`"),

@@ -18,6 +18,18 @@ consumer group) is logged and retried after a bounded exponential backoff, start
 this consumer's pending entries; nothing is acknowledged that was not committed, and the consumer
 never exits on its own.
 
+Staleness and trimming. An entry whose id (the Redis clock at XADD) is older than
+MAIL_IDEMPOTENCY_TTL is quarantined as `stale_command` without being validated: its idempotency
+reservation may be gone, so it must never become a delivery (a consumer group re-created on an
+untrimmed stream reads everything again from ID 0). Every TRIM_INTERVAL (at most; sooner for a
+short TTL) the consumer trims the stream of entries older than the TTL that every group has read
+and acknowledged (`Stream.trim`, XTRIM MINID), so the stream stays bounded.
+
+Poison batches. After a batch fails for a reason that is not a connection problem, this
+consumer's pending entries are processed one at a time; an entry that fails alone is parked with
+its own backoff (left pending, skipped by reads and claims until it is due again), so one such
+entry delays the entries beside it by one retry at most.
+
 Tracing: one `intake batch` span per batch, and an `intake command` span for each entry that
 carries a W3C `traceparent`, as a child of it (linked to the batch span). A delivery keeps the
 producer's `traceparent`, or the batch span's when the entry had none, so attempt spans can link
@@ -27,6 +39,7 @@ to it. Rejection and duplicate log lines are written inside the entry's span (or
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,7 +59,7 @@ from mailtrio.config import Settings
 from mailtrio.message import sender_domain
 from mailtrio.store import Conn, Database, TransientError
 from mailtrio.store import intake as store
-from mailtrio.stream import Entry, Stream, StreamError
+from mailtrio.stream import Entry, Stream, StreamError, entry_ms
 
 _log = log.get("mailtrio.intake")
 _propagator = TraceContextTextMapPropagator()
@@ -65,6 +78,15 @@ BACKOFF_MAX = 5.0
 PAUSE_GC = True
 # Batches up to this size commit in libpq pipeline mode (see Database.transaction).
 PIPELINE_MAX_BATCH = 64
+# An entry whose payload is larger than this is validated in a worker thread (parsing and
+# checking 512 KiB takes milliseconds); smaller ones inline, yielding every CHECKPOINT_EVERY.
+OFF_LOOP_BYTES = 64 * 1024
+CHECKPOINT_EVERY = 64
+# Trim the stream this often at most (half the idempotency TTL when that is shorter).
+TRIM_INTERVAL = 60.0
+# Backoff of an entry that failed alone (poison): first, doubling, capped.
+PARK_FIRST = 1.0
+PARK_MAX = 300.0
 
 
 @dataclass
@@ -153,6 +175,13 @@ class Consumer:
         self._next_claim = 0.0
         self._avg_entry_bytes = 1024.0
         self._failing_since: float | None = None
+        self.trim_interval = max(0.5, min(TRIM_INTERVAL, settings.idempotency_ttl / 2))
+        self._next_trim = 0.0
+        # after a non-transient failure, pending entries are read one at a time
+        self._isolate = False
+        # entry id -> (trio time it may be tried again, failures so far)
+        self.parked: dict[str, tuple[float, int]] = {}
+        self._last_ids: list[str] = []
 
     # -- service ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -186,7 +215,7 @@ class Consumer:
                         retry_in_s=delay,
                         exc_info=not _transient(err),
                     )
-                    self._after_failure()
+                    self._after_failure(err)
                     if _step(err) == "redis":
                         await self.stream.reset()
                     await trio.sleep(delay)
@@ -227,12 +256,50 @@ class Consumer:
                 self._failing_since = None
                 _log.info("command consumer recovered")
 
-    def _after_failure(self) -> None:
+    def _after_failure(self, err: BaseException | None = None) -> None:
         # Whatever was read but not acknowledged is in our pending list: read it again first.
         self._pending_cursor = "0"
         self._group_ready = False
         if self._failing_since is None:
             self._failing_since = trio.current_time()
+        if err is not None and not _transient(err):
+            if self._isolate and len(self._last_ids) == 1:
+                self._park(self._last_ids[0], err)
+            # the next pending entries go one at a time, so the culprit is found in one retry
+            self._isolate = True
+
+    def _park(self, entry_id: str, err: BaseException) -> None:
+        _, failures = self.parked.get(entry_id, (0.0, 0))
+        delay = min(PARK_MAX, PARK_FIRST * 2**failures)
+        self.parked[entry_id] = (trio.current_time() + delay, failures + 1)
+        _log.error(
+            "stream entry failed alone; parked and retried later",
+            stream_entry_id=entry_id,
+            failures=failures + 1,
+            retry_in_s=delay,
+            error=_describe(err),
+        )
+
+    def _unparked(self, entries: list[Entry]) -> list[Entry]:
+        """Entries not parked (or parked and due again)."""
+        if not self.parked:
+            return entries
+        now = trio.current_time()
+        return [e for e in entries if self.parked.get(e[0], (0.0, 0))[0] <= now]
+
+    async def _maybe_trim(self) -> None:
+        now = trio.current_time()
+        if now < self._next_trim:
+            return
+        self._next_trim = now + self.trim_interval
+        try:
+            deleted, minid = await self.stream.trim(self.settings.idempotency_ttl)
+        except Exception as exc:  # trimming is maintenance: it never stops intake
+            _log.warning("command stream trim failed; tried again later", error=_describe(exc),
+                         retry_in_s=self.trim_interval)
+            return
+        if deleted:
+            _log.info("command stream trimmed", deleted=deleted, minid=minid, stream=self.stream.name)
 
     async def run_once(self, *, block: float | None = None) -> IntakeCounts:
         """Process one batch: own pending entries, else claimable ones, else new ones."""
@@ -243,13 +310,22 @@ class Consumer:
         if not self._group_ready:
             await self.stream.ensure_group()
             self._group_ready = True
+        await self._maybe_trim()
+        if self.parked and self._pending_cursor is None:
+            now = trio.current_time()
+            if any(due <= now for due, _ in self.parked.values()):
+                self._pending_cursor = "0"  # a parked entry is due: look at our pending list again
         count = self._batch_count()
-        if self._pending_cursor is not None:
-            entries = await self.stream.read_pending(self._pending_cursor, count)
+        while self._pending_cursor is not None:
+            entries = await self.stream.read_pending(self._pending_cursor, 1 if self._isolate else count)
+            if not entries:
+                self._pending_cursor = None
+                self._isolate = False
+                break
+            self._pending_cursor = entries[-1][0]
+            entries = self._unparked(entries)
             if entries:
-                self._pending_cursor = entries[-1][0]
                 return "pending", entries
-            self._pending_cursor = None
         if trio.current_time() >= self._next_claim:
             cursor, entries, deleted = await self.stream.claim(self.claim_idle, self._claim_cursor, count)
             if deleted:
@@ -261,6 +337,7 @@ class Consumer:
                 self._next_claim = trio.current_time() + self.claim_interval
             else:
                 self._claim_cursor = cursor
+            entries = self._unparked(entries)
             if entries:
                 _log.info("claimed idle stream entries", count=len(entries))
                 return "claimed", entries
@@ -275,8 +352,9 @@ class Consumer:
         return await self._finish(await self._prepare(entries, origin))
 
     async def _prepare(self, entries: Sequence[Entry], origin: str, *, checkpoints: bool = False) -> _Batch:
-        """Validate a batch (pure CPU work). With `checkpoints`, yield now and then so that a
-        commit running beside it keeps its round trips going."""
+        """Validate a batch (pure CPU work): yield every CHECKPOINT_EVERY entries so that nothing
+        else waits long (a commit running beside it keeps its round trips going), and validate
+        large entries in a worker thread. `checkpoints` is kept for callers; it is always on."""
         batch = _Batch(origin=origin, entries=entries)
         if not entries:
             return batch
@@ -302,19 +380,32 @@ class Consumer:
             batch_tp = _traceparent_of(batch.span)
             link = [Link(batch.span.get_span_context())]
             now = datetime.now(UTC)
+            now_ms = now.timestamp() * 1000.0
+            ttl_ms = self.settings.idempotency_ttl * 1000.0
             has_template = self.catalog.has_template
             size = 0
             for i, (entry_id, fields) in enumerate(entries):
-                if checkpoints and i % 64 == 63:
+                if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
                     await trio.lowlevel.checkpoint()
                 if fields is None:
                     batch.vanished.append(entry_id)
                     continue
-                size += len(fields.get(b"payload") or b"") + 256
+                payload_size = len(fields.get(b"payload") or b"")
+                size += payload_size + 256
                 tp = fields.get(b"traceparent")
                 if tp is not None:
                     self._entry_span(batch, entry_id, tp, link)
-                outcome = commands.validate(entry_id, fields, now=now, has_template=has_template)
+                born = entry_ms(entry_id)
+                if born is not None and now_ms - born > ttl_ms:
+                    outcome: Outcome = commands.stale(
+                        entry_id, fields, (now_ms - born) / 1000.0, self.settings.idempotency_ttl
+                    )
+                elif payload_size > OFF_LOOP_BYTES:
+                    outcome = await trio.to_thread.run_sync(
+                        functools.partial(commands.validate, entry_id, fields, now=now, has_template=has_template)
+                    )
+                else:
+                    outcome = commands.validate(entry_id, fields, now=now, has_template=has_template)
                 if isinstance(outcome, Command) and outcome.traceparent is None:
                     # every delivery keeps a trace context: the intake batch span's own
                     outcome.traceparent = batch_tp
@@ -353,6 +444,7 @@ class Consumer:
         counts = IntakeCounts(origin=batch.origin, read=len(batch.entries))
         if not batch.entries:
             return counts
+        self._last_ids = [entry_id for entry_id, _ in batch.entries]
         try:
             result = await self._commit(batch.outcomes, batch.raw, batch.origin != "new")
             counts.accepted = len(result.accepted)
@@ -387,6 +479,8 @@ class Consumer:
                         stream_entry_ids=batch.vanished[:20],
                     )
             counts.acked = await self.stream.ack([entry_id for entry_id, _ in batch.entries])
+            for entry_id, _ in batch.entries:
+                self.parked.pop(entry_id, None)
             with batch.use(None):
                 _log.debug(
                     "stream batch committed",

@@ -43,6 +43,21 @@ def _id(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _parse_id(value: Any) -> tuple[int, int]:
+    """A stream entry id as (milliseconds, sequence); "0-0" for anything unreadable."""
+    ms, _, seq = _id(value or "0-0").partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return 0, 0
+
+
+def entry_ms(entry_id: str) -> int | None:
+    """The millisecond timestamp of a stream entry id (None when it is not one)."""
+    ms = entry_id.partition("-")[0]
+    return int(ms) if ms.isdigit() else None
+
+
 def _entries(raw: Any) -> list[Entry]:
     out: list[Entry] = []
     for entry_id, fields in raw or ():
@@ -163,6 +178,40 @@ class Stream:
             return 0
         with trio.fail_after(CALL_TIMEOUT):
             return int(await bridge.call(self.client.xack, self.name, self.group, *ids))
+
+    # -- trimming ------------------------------------------------------------------------------
+    async def trim(self, older_than: float) -> tuple[int, str | None]:
+        """XTRIM MINID: delete the entries older than `older_than` seconds (by the Redis server's
+        clock, which stamped their ids) that every consumer group of the stream has read and
+        acknowledged. An entry still pending in any group, or not yet read by one, is kept; so is
+        everything when the stream has no group. Returns (entries deleted, the MINID used)."""
+
+        async def _trim() -> tuple[int, str | None]:
+            seconds, micros = await self.client.time()
+            bound = (max(0, int(seconds) * 1000 + int(micros) // 1000 - int(older_than * 1000)), 0)
+            try:
+                groups = await self.client.xinfo_groups(self.name)
+            except ResponseError as exc:
+                if "no such key" in str(exc).lower():
+                    return 0, None
+                raise
+            if not groups:
+                return 0, None
+            for group in groups:
+                last = _parse_id(group.get("last-delivered-id"))
+                # everything after last-delivered-id is unread by this group
+                bound = min(bound, (last[0], last[1] + 1))
+                if int(group.get("pending") or 0) > 0:
+                    summary = await self.client.xpending(self.name, _id(group["name"]))
+                    oldest = summary.get("min") if isinstance(summary, dict) else None
+                    if oldest is not None:
+                        bound = min(bound, _parse_id(oldest))
+            minid = f"{bound[0]}-{bound[1]}"
+            deleted = await self.client.xtrim(self.name, minid=minid, approximate=False)
+            return int(deleted or 0), minid
+
+        with trio.fail_after(CALL_TIMEOUT):
+            return await bridge.call(_trim)
 
     # -- producing -----------------------------------------------------------------------------
     async def add(self, fields: Mapping[Any, Any]) -> str:

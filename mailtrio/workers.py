@@ -45,6 +45,7 @@ the MAIL_MAX_INTERRUPTED-th interrupted attempt in a row dead-letters the delive
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -637,8 +638,7 @@ class WorkerPool:
             return None
         try:
             addressing = job.addressing
-            data = message.build(addressing, job.content, message_id=claim.message_id,
-                                 date=datetime.now(UTC))
+            data = await build_message(addressing, job.content, claim.message_id)
             recipients = envelope_recipients(addressing)
             # A retry goes only to the recipients not yet accepted nor refused for good.
             targets = retry.pending_recipients(list(recipients), retry.outcomes_by_email(claim.recipient_outcomes))
@@ -903,6 +903,17 @@ def claim_recipients(claim: store.Claim) -> list[str]:
                 seen.add(email.lower())
                 out.append(email)
     return out
+
+
+async def build_message(addressing: message.Addressing, content: message.Content, message_id: str) -> bytes:
+    """`message.build`, in a worker thread when the content is large (encoding megabytes takes
+    tens of milliseconds, which the event loop must not wait for); inline otherwise."""
+    date = datetime.now(UTC)
+    if message.content_octets(content) <= message.OFF_LOOP_OCTETS:
+        return message.build(addressing, content, message_id=message_id, date=date)
+    return await trio.to_thread.run_sync(
+        functools.partial(message.build, addressing, content, message_id=message_id, date=date)
+    )
 
 
 def repeatedly_interrupted(count: int) -> str:

@@ -24,7 +24,8 @@ ATTEMPT_STATUSES = ("provider_accepted", "provider_rejected", "provider_deferred
 SOURCES = ("authsession", "notification")
 PAYLOAD_MODES = ("template", "rendered")
 FAILURE_CODES = ("invalid_json", "missing_field", "invalid_field", "invalid_locale", "invalid_recipient",
-                 "unknown_template", "unsafe_header", "payload_too_large", "idempotency_conflict")
+                 "unknown_template", "unsafe_header", "payload_too_large", "idempotency_conflict",
+                 "stale_command")
 
 
 def rfc3339(value: datetime | None) -> str | None:

@@ -223,4 +223,10 @@ def _json(rows: list[list[Any]]) -> str:
 
 
 def _reservation_rows(commands: Sequence[Command]) -> str:
-    return _json([[c.source, c.idempotency_key, c.delivery_id, c.fingerprint] for c in commands])
+    return _json(
+        [
+            [c.source, c.idempotency_key, c.delivery_id, c.fingerprint,
+             None if c.send_at is None else c.send_at.isoformat()]
+            for c in commands
+        ]
+    )

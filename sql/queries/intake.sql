@@ -9,10 +9,14 @@
 -- Take the idempotency reservation of each command, or take over one that has expired. A row
 -- comes back only for a reservation taken here; a live reservation (committed by another
 -- command, or by a concurrent transaction we waited for) stays untouched and returns nothing.
+-- A reservation lasts until max(now, send_at) + MAIL_IDEMPOTENCY_TTL, and one whose delivery is
+-- not final yet is never taken over, whatever its expiry.
 INSERT INTO mail.idempotency_reservations AS r
     (source, idempotency_key, delivery_id, fingerprint, created_at, expires_at)
-SELECT c.source, c.idempotency_key, c.delivery_id, c.fingerprint, now(), now() + %(ttl)s::interval
-FROM (SELECT e ->> 0 AS source, e ->> 1 AS idempotency_key, e ->> 2 AS delivery_id, e ->> 3 AS fingerprint
+SELECT c.source, c.idempotency_key, c.delivery_id, c.fingerprint, now(),
+       greatest(now(), c.send_at) + %(ttl)s::interval
+FROM (SELECT e ->> 0 AS source, e ->> 1 AS idempotency_key, e ->> 2 AS delivery_id, e ->> 3 AS fingerprint,
+             (e ->> 4)::timestamptz AS send_at
       FROM jsonb_array_elements(%(rows)s::jsonb) AS e) AS c
 ORDER BY c.source, c.idempotency_key
 ON CONFLICT (source, idempotency_key) DO UPDATE
@@ -21,6 +25,8 @@ SET delivery_id = excluded.delivery_id,
     created_at = excluded.created_at,
     expires_at = excluded.expires_at
 WHERE r.expires_at <= now()
+  AND NOT EXISTS (SELECT 1 FROM mail.deliveries d
+                  WHERE d.delivery_id = r.delivery_id AND d.status IN ('queued', 'rendered', 'sending'))
 RETURNING r.source, r.idempotency_key;
 
 -- name: intake_reservations_get

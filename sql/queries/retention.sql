@@ -30,12 +30,15 @@ WHERE id IN (
 );
 
 -- name: retention_delete_reservations
--- Idempotency reservations past their expiry (MAIL_IDEMPOTENCY_TTL was applied when reserving).
+-- Idempotency reservations past their expiry (max(accepted, send_at) + MAIL_IDEMPOTENCY_TTL),
+-- never one whose delivery is not final yet.
 DELETE FROM mail.idempotency_reservations
 WHERE (source, idempotency_key) IN (
-    SELECT source, idempotency_key FROM mail.idempotency_reservations
-    WHERE expires_at < now()
-    ORDER BY expires_at
+    SELECT r.source, r.idempotency_key FROM mail.idempotency_reservations r
+    WHERE r.expires_at < now()
+      AND NOT EXISTS (SELECT 1 FROM mail.deliveries d
+                      WHERE d.delivery_id = r.delivery_id AND d.status IN ('queued', 'rendered', 'sending'))
+    ORDER BY r.expires_at
     LIMIT %(batch)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF r SKIP LOCKED
 );

@@ -267,3 +267,51 @@ def test_a_partial_including_a_missing_partial(tmp_path: Path) -> None:
     bad = write(root, "_partials/footer.txt.j2", "--\n{% include '_partials/gone.txt.j2' %}\n")
     [problem] = problems_of(root)
     assert problem.startswith(f"{bad}:2: included template not found"), problem
+
+
+# -- escaping follows what is rendered; size bounds (#13.5, #13.6) ---------------------------------
+
+
+def test_everything_an_html_body_pulls_in_is_autoescaped_whatever_its_name(tmp_path: Path) -> None:
+    minimal(tmp_path)
+    write(tmp_path, "_partials/footer.txt.j2", "<p>{{ name }}</p>")
+    write(tmp_path, "_partials/macros.j2", "{% macro hello(n) %}<b>{{ n }}</b>{% endmacro %}")
+    write(tmp_path, "_partials/plain", "[{{ name }}]")
+    write(tmp_path, "welcome/en/body.html.j2",
+          '{% from "_partials/macros.j2" import hello %}{{ hello(name) }}'
+          '{% include "_partials/footer.txt.j2" %}{% include "_partials/plain" %}{{ name }}')
+    write(tmp_path, "welcome/en/body.txt.j2", '{% include "_partials/footer.txt.j2" %} {{ name }}')
+    catalog = Catalog.load(tmp_path, "en")
+    out = catalog.render("welcome", "en", {"name": "<script>&"})
+    assert out.html is not None and "<script>" not in out.html
+    assert out.html.count("&lt;script&gt;&amp;") == 4
+    assert "<b>" in out.html and "<p>" in out.html  # the template's own markup is kept
+    # text and subject are never escaped, even with the same partial
+    assert out.text == "<p><script>&</p> <script>&"
+    assert out.subject == "Welcome <script>&"
+
+
+def test_a_subject_or_body_beyond_its_bound_fails_as_too_large(tmp_path: Path) -> None:
+    from mailtrio.catalog import MAX_BODY_OCTETS, MAX_SUBJECT, TooLarge
+
+    minimal(tmp_path)
+    write(tmp_path, "big/en/subject.txt.j2", "{{ s }}")
+    write(tmp_path, "big/en/body.txt.j2", "{% for i in range(n) %}{{ chunk }}{% endfor %}")
+    catalog = Catalog.load(tmp_path, "en")
+    ok = catalog.render("big", "en", {"s": "s" * MAX_SUBJECT, "n": 1, "chunk": "x" * MAX_BODY_OCTETS})
+    assert len(ok.subject) == MAX_SUBJECT
+    with pytest.raises(TooLarge, match=r"^too large: the subject"):
+        catalog.render("big", "en", {"s": "s" * (MAX_SUBJECT + 1), "n": 1, "chunk": "x"})
+    with pytest.raises(TooLarge, match=r"^too large: the text body"):
+        catalog.render("big", "en", {"s": "s", "n": 1, "chunk": "é" * (MAX_BODY_OCTETS // 2 + 1)})
+    # a runaway loop stops at the bound (the sandbox caps range() at 100,000 items)
+    with pytest.raises(TooLarge):
+        catalog.render("big", "en", {"s": "s", "n": 100_000, "chunk": "y" * 1000})
+    assert issubclass(TooLarge, RenderError)
+
+
+async def test_render_off_loop_renders_in_a_thread(sample: Catalog) -> None:
+    from mailtrio.catalog import render_off_loop
+
+    out = await render_off_loop(sample, "newsletter", "en", {"title": "T", "intro": "x" * 200_000})
+    assert out == sample.render("newsletter", "en", {"title": "T", "intro": "x" * 200_000})

@@ -11,7 +11,7 @@ import redis
 import trio
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from mailtrio import telemetry
+from mailtrio import bridge, telemetry
 from mailtrio.commands import Malformed, validate
 from mailtrio.config import Settings
 from mailtrio.message import message_id_for, sender_domain
@@ -231,12 +231,45 @@ async def test_an_expired_reservation_can_be_taken_over(intake_settings: Setting
     async with opened(intake_settings) as w:
         await drain(w.consumer)
         tables.rows("UPDATE mail.idempotency_reservations SET expires_at = now() - interval '1 second'")
+        # while its delivery is not final, an expired reservation still holds
         xadd(entry(delivery_id="d-new", idempotency_key="k", locale="fr"))
         counts = totals(await drain(w.consumer))
+        assert counts["accepted"] == 0 and counts["rejected"] == 1
+        tables.rows("UPDATE mail.deliveries SET status = 'sent', next_attempt_at = NULL WHERE delivery_id = 'd-old'")
+        xadd(entry(delivery_id="d-new2", idempotency_key="k", locale="fr"))
+        counts = totals(await drain(w.consumer))
     assert counts["accepted"] == 1
-    assert set(tables.deliveries()) == {"d-old", "d-new"}
+    assert set(tables.deliveries()) == {"d-old", "d-new2"}
     res = tables.rows("SELECT * FROM mail.idempotency_reservations")
-    assert [(r["delivery_id"], r["expires_at"] > datetime.now(UTC)) for r in res] == [("d-new", True)]
+    assert [(r["delivery_id"], r["expires_at"] > datetime.now(UTC)) for r in res] == [("d-new2", True)]
+
+
+async def test_a_reservation_lasts_until_send_at_plus_the_ttl(service_env: dict[str, str], xadd: Any,
+                                                              tables: Tables) -> None:
+    settings = settings_for(service_env, MAIL_IDEMPOTENCY_TTL="1s")
+    later = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    async with opened(settings) as w:
+        xadd(entry(delivery_id="d-later", idempotency_key="k", send_at=later))
+        await drain(w.consumer)
+    (res,) = tables.rows("SELECT created_at, expires_at FROM mail.idempotency_reservations")
+    assert res["expires_at"] - res["created_at"] > timedelta(days=2)
+    # retention never deletes a reservation while its delivery is not final, whatever its expiry
+    tables.rows("UPDATE mail.idempotency_reservations SET expires_at = now() - interval '1 hour'")
+    from mailtrio.retention import Retention
+    from mailtrio.store import Database
+
+    async with bridge.open_loop():
+        db = Database(settings.postgres_dsn, 2)
+        await db.open()
+        try:
+            counts = await Retention(settings, db).run_once()
+            assert counts.idempotency_reservations == 0
+            assert tables.count("idempotency_reservations") == 1
+            tables.rows("UPDATE mail.deliveries SET status = 'cancelled', next_attempt_at = NULL")
+            counts = await Retention(settings, db).run_once()
+            assert counts.idempotency_reservations == 1
+        finally:
+            await db.close()
 
 
 async def test_two_consumers_racing_on_the_same_commands_create_each_delivery_once(
@@ -460,6 +493,8 @@ async def test_consumer_recovers_from_killed_redis_and_postgres_connections(
             )
             xadd(entry(delivery_id=f"k-pg{_}"))
             await wait_for(5 + _)
+        # the last batch is committed; its XACK follows the commit
+        await eventually(lambda: pending_count(redis_client, stream_key) == 0, what="the last batch acknowledged")
         nursery.cancel_scope.cancel()
     assert tables.count("deliveries") == 6
     assert pending_count(redis_client, stream_key) == 0
