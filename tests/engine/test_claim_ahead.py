@@ -148,7 +148,10 @@ def test_sigterm_gives_buffered_jobs_back_at_once(
     with ServeProcess(env) as proc:
         proc.wait_ready()
         deadline = time.monotonic() + 20
-        while h.status_counts(dsn).get("sending", 0) < workers + ahead:
+        # Every worker inside its transaction (it connects only once it holds a job), and the
+        # buffer full behind them.
+        while (len([e for e in server.events() if e["event"] == "ehlo"]) < workers
+               or h.status_counts(dsn).get("sending", 0) < workers + ahead):
             assert time.monotonic() < deadline, h.status_counts(dsn)
             time.sleep(0.05)
         proc.signal(signal.SIGTERM)
@@ -156,7 +159,7 @@ def test_sigterm_gives_buffered_jobs_back_at_once(
         assert proc.events()[-1] == "shutdown complete"
         given_back = proc.find("claims given back")
         events = proc.events()
-    assert sum(e["count"] for e in given_back) == ahead
+    assert sum(e["count"] for e in given_back) == ahead, given_back
     assert events.index("claims given back") < events.index("attempt workers stopped")
     accepted = server.accepted()
     assert len(accepted) == workers  # the attempts in flight finished, each sent once
