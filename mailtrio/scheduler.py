@@ -321,7 +321,7 @@ class Scheduler:
             try:
                 done = await self.pool.recorder.write_now(finishes)
                 self.released += len(done)
-                _log.info("claims given back", count=len(done))
+                _log.info("claims given back", count=len(done), delivery_ids=sorted(done)[:50])
             except Exception as exc:
                 _log.error("could not give claims back; their leases will expire",
                            count=len(jobs), error=_one_line(exc))
