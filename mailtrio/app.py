@@ -1,29 +1,30 @@
 """The service: startup in runbook order, one root nursery, bounded coordinated shutdown.
 
-Startup (CONTRACT §3): ping Redis, open the PostgreSQL pool and check schema `mail`, apply the
+Startup (CONTRACT §3): ping Redis, open the PostgreSQL pools and check schema `mail`, apply the
 embedded migrations under an advisory lock, take the instance identity lock (one
-MAIL_INSTANCE_ID, one live process: see mailtrio.identity), parse the whole template catalog, and
-only then open the internal HTTP listener and start the command consumer, scheduler, attempt
-worker pool and retention worker. The identity lock is kept (and watched) until the very end; if
-another live process takes this identity meanwhile, the service stops and exits 1.
+MAIL_INSTANCE_ID, one live process: see mailtrio.identity; kept and watched until the very end,
+and if another live process takes this identity meanwhile the service stops and exits 1), parse
+the whole template catalog, then bind the internal HTTP listener (a bind failure is a startup
+failure: nothing has been claimed), and only then start the attempt worker pool, the scheduler,
+the command consumer and the retention worker.
 
-Shutdown: the HTTP listener stops first; then the consumer, scheduler and retention worker are
-cancelled (the scheduler closing its send channel lets the workers drain); in-flight attempts get
-until the shutdown deadline, after which their cancel scope is cancelled and the workers put the
-deliveries back on the schedule; finally Redis and PostgreSQL are closed.
+Shutdown (`mailtrio.shutdown`): the first SIGTERM/SIGINT fixes one deadline. In the same moment
+the listener stops accepting and the consumer, scheduler and retention worker are cancelled (the
+scheduler closing its send channel lets the workers drain); in-flight HTTP requests and attempts
+then drain side by side until the deadline minus a reserve, after which their scopes are
+cancelled and the workers put the deliveries back on the schedule; Redis and PostgreSQL are closed
+by the deadline. A second signal cancels everything at once.
 """
 
 from __future__ import annotations
 
-import math
-import signal
 import time
 from typing import Any
 
 import trio
 
 import mailtrio
-from mailtrio import bridge, log, telemetry
+from mailtrio import bridge, log, shutdown, telemetry
 from mailtrio.catalog import Catalog, CatalogError
 from mailtrio.config import Settings
 from mailtrio.identity import InstanceIdentity
@@ -53,9 +54,15 @@ def load_catalog(settings: Settings) -> Catalog:
         raise StartupError("template catalog is invalid: " + "; ".join(exc.problems)) from exc
 
 
+def api_pool_size(pool_size: int) -> int:
+    """Connections of the HTTP API's own pool: a bounded share beside the engine's pool, so that
+    slow operator requests can never take the connections claims, intake and outcomes need."""
+    return max(2, min(8, pool_size // 4))
+
+
 async def run(
     settings: Settings,
-    shutdown_requested: trio.Event,
+    stop: shutdown.Shutdown,
     *,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -63,6 +70,8 @@ async def run(
         stream = Stream(settings)
         db = Database(settings.postgres_dsn, settings.postgres_pool_size,
                       application_name=f"mailtrio:{settings.instance_id}")
+        api_db = Database(settings.postgres_dsn, api_pool_size(settings.postgres_pool_size),
+                          application_name=f"mailtrio:{settings.instance_id}:api", min_size=0, name="mailtrio-api")
         identity = InstanceIdentity(db, settings.instance_id)
         # The startup steps stop at the budget's deadline, or at once on SIGTERM/SIGINT.
         startup = trio.CancelScope(deadline=trio.current_time() + max(1.0, STARTUP_BUDGET - _elapsed_since_start()))
@@ -71,7 +80,7 @@ async def run(
             async with trio.open_nursery() as guard:
 
                 async def abort_on_shutdown_request() -> None:
-                    await shutdown_requested.wait()
+                    await stop.requested.wait()
                     startup.cancel()
 
                 guard.start_soon(abort_on_shutdown_request)
@@ -80,7 +89,9 @@ async def run(
                     _log.info("redis master reachable", addr=f"{settings.redis_host}:{settings.redis_port}")
                     step = "postgres"
                     await db.open()
-                    _log.info("postgres pool opened", pool_size=settings.postgres_pool_size)
+                    await api_db.open(check=False)
+                    _log.info("postgres pool opened", pool_size=settings.postgres_pool_size,
+                              api_pool_size=api_db.pool.max_size)
                     step = "migrations"
                     applied = await db.migrate()
                     _log.info("migrations applied", applied=applied)
@@ -92,12 +103,12 @@ async def run(
                 guard.cancel_scope.cancel()
         except BaseException:
             await identity.release()
-            await _close(stream, db, 1.0)
+            await _close(stop, stream, db, api_db, within=1.0)
             raise
         if startup.cancelled_caught:
             await identity.release()
-            await _close(stream, db, 1.0)
-            if shutdown_requested.is_set():
+            await _close(stop, stream, db, api_db, within=1.0)
+            if stop.requested.is_set():
                 _log.info("startup interrupted by a shutdown request", step=step)
                 return
             raise StartupError(f"startup step {step!r} did not finish within {STARTUP_BUDGET:.0f}s")
@@ -105,20 +116,22 @@ async def run(
             async with trio.open_nursery() as keeper:
                 # Kept and watched to the end; IdentityConflict from it stops everything (exit 1).
                 await keeper.start(identity.run)
-                await _serve(settings, stream, db, catalog, identity, shutdown_requested, task_status)
+                await _serve(settings, stream, db, api_db, catalog, identity, stop, task_status)
                 keeper.cancel_scope.cancel()
         finally:
+            # Released last (after the outcome writes), by the shutdown deadline like the rest.
             await identity.release()
-            await _close(stream, db, 5.0)
+            await _close(stop, stream, db, api_db, within=5.0)
 
 
 async def _serve(
     settings: Settings,
     stream: Stream,
     db: Database,
+    api_db: Database,
     catalog: Catalog,
     identity: InstanceIdentity,
-    shutdown_requested: trio.Event,
+    stop: shutdown.Shutdown,
     task_status: trio.TaskStatus[Any],
 ) -> None:
     from mailtrio.http.app import create_app
@@ -131,64 +144,94 @@ async def _serve(
     scheduler = Scheduler(settings, db, send, pool, identity=identity)
     consumer = Consumer(settings, stream, db, catalog)
     retention = Retention(settings, db)
-    http_app = create_app(settings, db)
-    http_stop = trio.Event()
-    shutdown_deadline = math.inf
+    http_app = create_app(settings, api_db)
+    reserve = shutdown.drain_reserve(settings.shutdown_timeout)
 
     async with trio.open_nursery() as root:
+        # The listener is bound before anything that claims starts: a port already in use is a
+        # startup failure with nothing claimed.
+        http_scope = trio.CancelScope()
+
+        async def run_http(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+            with http_scope:
+                await http_serve(http_app, settings, stop.requested.wait, task_status=task_status)
+            _log.info("internal http listener stopped")
+
+        try:
+            binds = await root.start(run_http)
+        except (OSError, BaseExceptionGroup) as exc:
+            bind_error = _os_error(exc)
+            if bind_error is None:
+                raise
+            raise StartupError(f"internal http listener: cannot listen on {settings.http_host}:"
+                               f"{settings.http_port}: {bind_error.strerror or bind_error}") from exc
+        _log.info("internal http listener started", binds=binds)
+
         # The attempt worker pool lives longest: it drains after its feeders stop.
         pool_scope = trio.CancelScope()
 
         async def run_pool(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             with pool_scope:
                 await pool.run(task_status=task_status)
+            if pool_scope.cancelled_caught:
+                _log.warning("attempt worker pool stopped at the shutdown deadline; running attempts were "
+                             "cancelled")
+            else:
+                _log.info("attempt worker pool stopped")
 
         await root.start(run_pool)
         async with trio.open_nursery() as feeders:
+
+            async def begin_shutdown() -> None:
+                # One moment: the listener stops accepting (its shutdown trigger is the same
+                # event) and the consumer and scheduler stop claiming, even if they are still
+                # starting; HTTP requests in flight and attempts then drain side by side until
+                # the deadline minus the reserve.
+                await stop.requested.wait()
+                _log.info("shutdown started", timeout_s=settings.shutdown_timeout)
+                feeders.cancel_scope.cancel()
+                http_scope.deadline = stop.cap(http_scope.deadline, reserve)
+                pool_scope.deadline = stop.cap(pool_scope.deadline, reserve)
+                stop.on_hurry(http_scope.cancel)
+                stop.on_hurry(pool_scope.cancel)
+
+            feeders.start_soon(begin_shutdown)
             await feeders.start(scheduler.run)
             await feeders.start(consumer.run)
             await feeders.start(retention.run)
             await feeders.start(telemetry.ScheduleMonitor(db).run)
-            async with trio.open_nursery() as http_nursery:
-                binds = await http_nursery.start(http_serve, http_app, settings, http_stop.wait)
-                _log.info("internal http listener started", binds=binds)
-                task_status.started(binds)
-                await shutdown_requested.wait()
-                shutdown_deadline = trio.current_time() + settings.shutdown_timeout
-                _log.info("shutdown started", timeout_s=settings.shutdown_timeout)
-                http_stop.set()
-                http_nursery.cancel_scope.deadline = trio.current_time() + min(5.0, settings.shutdown_timeout / 3)
-            _log.info("internal http listener stopped")
-            feeders.cancel_scope.cancel()
+            _log.info("service ready", binds=binds)
+            task_status.started(binds)
         _log.info("command consumer, scheduler and retention worker stopped")
-        # In-flight attempts may finish until shortly before the bound; the rest is kept for
-        # putting cancelled attempts back on the schedule and closing connections.
-        reserve = min(3.0, settings.shutdown_timeout * 0.2)
-        pool_scope.deadline = shutdown_deadline - reserve
-    if pool_scope.cancelled_caught:
-        _log.warning("attempt worker pool stopped at the shutdown deadline; running attempts were cancelled")
-    else:
-        _log.info("attempt worker pool stopped")
 
 
-async def _close(stream: Stream, db: Database, within: float) -> None:
-    with trio.CancelScope(shield=True):
-        await stream.close(within=within)
-        await db.close(within=within)
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside (nested) exception groups, if that is what `exc` is."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None
 
 
-async def main(settings: Settings, *, install_signals: bool = True) -> None:
+async def _close(stop: shutdown.Shutdown, stream: Stream, *dbs: Database, within: float) -> None:
+    """Close Redis and the PostgreSQL pools side by side, by the shutdown deadline at the latest;
+    whatever has not answered by then is abandoned."""
+    with stop.shielded(within, reserve=0.0) as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream.close)
+            for db in dbs:
+                nursery.start_soon(db.close)
+    if scope.cancelled_caught:
+        _log.warning("closing Redis and PostgreSQL connections did not finish in time; abandoned")
+
+
+async def main(settings: Settings, *, install_signals: bool = True,
+               watchdog: shutdown.Watchdog | None = None) -> None:
     """Run the service until SIGTERM/SIGINT; return after a graceful stop."""
-    shutdown_requested = trio.Event()
-    async with trio.open_nursery() as nursery:
+    stop = shutdown.install(settings.shutdown_timeout)
+    with trio.CancelScope() as everything:
+        stop.on_hurry(everything.cancel)
         if install_signals:
-
-            async def watch_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        _log.info("signal received", signal=signal.Signals(signum).name)
-                        shutdown_requested.set()
-
-            nursery.start_soon(watch_signals)
-        await run(settings, shutdown_requested)
-        nursery.cancel_scope.cancel()
+            with shutdown.signal_handlers(stop, watchdog):
+                await run(settings, stop)
+        else:
+            await run(settings, stop)

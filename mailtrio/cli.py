@@ -11,7 +11,9 @@ import atexit
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ def _fail(code: int, message: str) -> int:
 def cmd_serve(_: argparse.Namespace) -> int:
     import trio
 
-    from mailtrio import app, log, telemetry
+    from mailtrio import app, log, shutdown, telemetry
     from mailtrio.config import ConfigError, Settings
     from mailtrio.store import StartupError
 
@@ -44,12 +46,15 @@ def cmd_serve(_: argparse.Namespace) -> int:
     log.configure(settings.log_format, settings.log_level)
     logger = log.get("mailtrio")
     tel = telemetry.setup(settings.instance_id, os.environ)
+    # The last resort: armed by the first SIGTERM/SIGINT, it ends the process with exit 1 at the
+    # shutdown bound plus WATCHDOG_GRACE whatever the event loop is doing.
+    watchdog = shutdown.Watchdog(settings.shutdown_timeout)
     code = EXIT_OK
     try:
         logger.info("starting", version=__version__, instance_id=settings.instance_id,
                     smtp_mode=settings.smtp_mode)
         try:
-            trio.run(app.main, settings)
+            trio.run(partial(app.main, settings, watchdog=watchdog))
         except BaseExceptionGroup as group:
             raise _leaf(group) from group
     except StartupError as exc:
@@ -60,37 +65,49 @@ def cmd_serve(_: argparse.Namespace) -> int:
     except BaseException as exc:
         logger.error("runtime failure", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
         code = _fail(EXIT_FAILURE, f"runtime failure: {type(exc).__name__}: {exc}")
-    finally:
-        _flush_telemetry(tel, logger)
+    _flush_telemetry(tel, logger, shutdown.current)
     if code == EXIT_OK:
-        logger.info("shutdown complete")
-    return code
+        logger.info("shutdown complete", hurried=shutdown.current.hurried)
+    # Exit now: the interpreter's own finalisation would wait for threads still blocked on a
+    # collector (when the flush did not finish) and restores the default signal handlers, so a
+    # signal arriving then would kill the process without a word.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # An unreachable or stalled collector must not hold the exit (the OTLP exporters retry for up
-# to their own 10 s timeout each): the flush gets this long, then the process goes on.
+# to their own 10 s timeout each): the flush gets at most this long, and never more than until
+# the shutdown deadline plus shutdown.FLUSH_GRACE.
 TELEMETRY_FLUSH_BOUND = 3.0
 
 
-def _flush_telemetry(tel: Any, logger: Any) -> None:
-    """Flush and stop the OpenTelemetry providers in a helper thread, bounded in time."""
+def _flush_telemetry(tel: Any, logger: Any, stop: Any) -> bool:
+    """Flush and stop the OpenTelemetry providers in a helper thread, bounded in time; True when
+    the flush finished."""
     # This is the providers' shutdown: the SDK's own at-exit shutdown would wait again, unbounded.
     for provider in (tel.tracer_provider, tel.meter_provider):
         atexit.unregister(provider.shutdown)
     done = threading.Event()
+    budget = stop.flush_budget(TELEMETRY_FLUSH_BOUND)
 
     def flush() -> None:
         try:
-            tel.shutdown()
+            tel.shutdown(timeout=budget)
         except Exception as exc:
             logger.warning("telemetry flush failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             done.set()
 
     threading.Thread(target=flush, name="otel-flush", daemon=True).start()
-    if not done.wait(TELEMETRY_FLUSH_BOUND):
-        logger.warning("telemetry flush did not finish in time; unexported data dropped",
-                       timeout_s=TELEMETRY_FLUSH_BOUND)
+    # Waited in small steps: a signal during the flush (stop.hurried) cuts it short.
+    until = time.monotonic() + budget
+    while not done.wait(max(0.0, min(0.05, until - time.monotonic()))):
+        if time.monotonic() >= until or stop.hurried:
+            logger.warning("telemetry flush did not finish in time; unexported data dropped",
+                           timeout_s=round(budget, 3))
+            return False
+    return True
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:

@@ -33,8 +33,8 @@ from typing import Any
 
 import trio
 
-from mailtrio import bridge, log
-from mailtrio.store import Conn, Database, StartupError
+from mailtrio import bridge, log, shutdown
+from mailtrio.store import Conn, Database, StartupError, close_quietly
 from mailtrio.store import engine as store
 
 _log = log.get("mailtrio.identity")
@@ -191,13 +191,13 @@ class InstanceIdentity:
 
     # -- letting go -----------------------------------------------------------------------------
     async def release(self) -> None:
-        """Unlock and close (shielded, bounded): at the very end of the process."""
+        """Unlock and close (shielded, bounded, and never past the shutdown deadline): at the very
+        end of the process."""
         conn, self._conn = self._conn, None
         self._set_held(False)
         if conn is None:
             return
-        with trio.move_on_after(2.0) as scope:
-            scope.shield = True
+        with shutdown.shielded(2.0, reserve=0.0):
             try:
                 await bridge.call(store.identity_release, conn, instance_id=self.instance_id)
             except Exception:
@@ -206,12 +206,7 @@ class InstanceIdentity:
 
     @staticmethod
     async def _close(conn: Conn) -> None:
-        with trio.move_on_after(2.0) as scope:
-            scope.shield = True
-            try:
-                await bridge.call(conn.close)
-            except Exception:
-                pass
+        await close_quietly(conn)
 
 
 def _one_line(exc: BaseException) -> str:

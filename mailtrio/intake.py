@@ -74,7 +74,7 @@ BLOCK_SECONDS = 2.0
 # Bound on one batch transaction (lock waits on a racing consumer included).
 COMMIT_TIMEOUT = 60.0
 BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 5.0
+BACKOFF_MAX = 2.0
 PAUSE_GC = True
 # Batches up to this size commit in libpq pipeline mode (see Database.transaction).
 PIPELINE_MAX_BATCH = 64

@@ -44,9 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mailtrio import bridge, log, telemetry
+from mailtrio import bridge, log, shutdown, telemetry
 from mailtrio.config import Settings
-from mailtrio.store import Conn, Database
+from mailtrio.store import Conn, Database, close_quietly
 from mailtrio.store import engine as store
 from mailtrio.workers import LEASE_MARGIN, MIN_SEND_SECONDS, Job, Prepared, WorkerPool, release
 
@@ -73,8 +73,9 @@ QUERY_TIMEOUT = 15.0
 # which would leave its rows waiting for lease expiry), within this bound; never more than a
 # quarter of MAIL_SHUTDOWN_TIMEOUT, so a stalled claim cannot stretch the shutdown past its bound.
 CLAIM_TIMEOUT = 5.0
-# After a database error, wait this long (doubling up to the cap) before trying again.
-ERROR_BACKOFF = (0.2, 5.0)
+# After a database error, wait this long (doubling up to the cap) before trying again; the cap
+# keeps claims resuming within seconds of PostgreSQL's return, whatever the outage's length.
+ERROR_BACKOFF = (0.2, 2.0)
 # Never sleep less than this between claim rounds that found nothing claimable.
 MIN_SLEEP = 0.01
 LISTEN_WAIT = 30.0
@@ -181,8 +182,11 @@ class Scheduler:
         async def _run(conn: Conn) -> tuple[Prepared, float | None]:
             return await store.claim_batch(conn, owner=owner, lease_seconds=lease, limit=limit, prepare=prepare)
 
-        with trio.CancelScope(shield=True), trio.fail_after(self.claim_timeout):
+        # Shielded within claim_timeout, and never past the shutdown deadline's clean-up reserve.
+        with shutdown.shielded(self.claim_timeout) as scope:
             prepared, self.next_wait = await self.db.run(_run)
+        if scope.cancelled_caught:
+            raise trio.TooSlowError(f"claim did not finish within {self.claim_timeout:g}s")
         claimed = len(prepared.jobs) + len(prepared.failures)
         self.claimed += claimed
         self.render_failures += len(prepared.failures)
@@ -315,8 +319,7 @@ class Scheduler:
         for job in jobs:
             job.span.set_attribute("mail.given_back", True)
             job.span.end()
-        with trio.move_on_after(3.0) as scope:
-            scope.shield = True
+        with shutdown.shielded(3.0):
             finishes = [release(job.claim, job.content.locale) for job in jobs]
             try:
                 done = await self.pool.recorder.write_now(finishes)
@@ -427,9 +430,7 @@ class Scheduler:
                              error=_one_line(exc), retry_in_s=backoff)
             finally:
                 if conn is not None:
-                    with trio.move_on_after(2.0) as scope:
-                        scope.shield = True
-                        await bridge.call(conn.close)
+                    await close_quietly(conn)
             if not started:
                 # Start anyway: the bounded poll keeps the schedule moving without notifications.
                 started = True

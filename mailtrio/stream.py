@@ -97,8 +97,9 @@ class Stream:
             raise StartupError(f"cannot reach the Redis master at {where}: {detail}") from exc
 
     async def close(self, *, within: float = 5.0) -> None:
-        with trio.move_on_after(within) as scope:
-            scope.shield = True
+        """Close the client within `within` seconds and the caller's deadline (the caller shields
+        it at shutdown); a connection that does not close by then is abandoned."""
+        with trio.move_on_after(within):
             await bridge.call(self.client.aclose)
 
     async def reset(self) -> None:

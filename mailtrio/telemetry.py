@@ -142,13 +142,15 @@ class Telemetry:
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
 
-    def shutdown(self) -> None:
-        """Flush and stop both providers (bounded by the SDK's own export timeouts)."""
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Flush and stop both providers, each step within `timeout` seconds (the caller also
+        stops waiting then: the exporters' own retries against a stalled collector are longer)."""
+        millis = max(1, int(timeout * 1000))
         try:
-            self.tracer_provider.force_flush(timeout_millis=5000)
+            self.tracer_provider.force_flush(timeout_millis=millis)
         finally:
             self.tracer_provider.shutdown()
-            self.meter_provider.shutdown(timeout_millis=5000)
+            self.meter_provider.shutdown(timeout_millis=millis)
 
 
 def _exporter_names(env: Mapping[str, str], kind: str) -> list[str]:

@@ -57,7 +57,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from mailtrio import log, message, retry, telemetry
+from mailtrio import log, message, retry, shutdown, telemetry
 from mailtrio.catalog import Catalog, RenderError
 from mailtrio.config import Settings, format_duration
 from mailtrio.providers.base import AttemptStatus, Envelope, Phase, Provider, SendReport, Session
@@ -293,14 +293,13 @@ class Recorder:
         finally:
             # Cancelled at the shutdown deadline: write what is queued, shielded and bounded.
             if self._pending.items:
-                with trio.move_on_after(CLEANUP_SECONDS) as scope:
-                    scope.shield = True
+                with shutdown.shielded(CLEANUP_SECONDS):
                     batch, self._pending = self._pending, _Batch()
                     await self._flush(batch, retry_transient=False)
 
     async def _write(self, items: list[store.Finish]) -> set[str]:
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + WRITE_TIMEOUT
+        # Shielded within WRITE_TIMEOUT, and never past the shutdown deadline's clean-up reserve.
+        with shutdown.shielded(WRITE_TIMEOUT) as scope:
             self._inflight = scope
             try:
                 return await self.write_now(items, final=False)
@@ -836,8 +835,7 @@ class WorkerPool:
         except trio.Cancelled:
             # Cancelled while the recorder was backlogged: the server has answered, so write this
             # outcome now rather than leave it to lease expiry (which would resend the message).
-            with trio.move_on_after(CLEANUP_SECONDS) as scope:
-                scope.shield = True
+            with shutdown.shielded(CLEANUP_SECONDS):
                 try:
                     after(claim.delivery_id in await self.recorder.write_now([finish]))
                 except Exception as exc:
@@ -849,8 +847,7 @@ class WorkerPool:
         """The attempt was cancelled (shutdown deadline): record it and put the delivery back,
         or dead-letter it when this is its MAIL_MAX_INTERRUPTED-th interrupted attempt in a row."""
         claim = job.claim
-        with trio.move_on_after(CLEANUP_SECONDS) as scope:
-            scope.shield = True
+        with shutdown.shielded(CLEANUP_SECONDS) as scope:
             await session.abort()
             finish = interrupted_finish(claim, self.settings.max_interrupted, elapsed_ms=_elapsed_ms(job),
                                         resolved_locale=job.content.locale)

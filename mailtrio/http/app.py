@@ -1,4 +1,10 @@
-"""Quart-Trio application factory: auth, request spans and logs, JSON errors, routes."""
+"""Quart-Trio application factory: auth, request spans and logs, JSON errors, routes.
+
+`db` is the API's own bounded share of PostgreSQL (a small separate pool, see
+`mailtrio.app.api_pool_size`), never the engine's pool: every route reaches the database through
+`db_of(app)`, so operator requests queue for their own connections and cannot starve intake,
+claims or outcome writes. Anything mounted on this app (further route groups) must do the same.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -9,6 +10,7 @@ from hypercorn.config import Config
 from hypercorn.trio import serve as hypercorn_serve
 from quart_trio import QuartTrio
 
+from mailtrio import shutdown
 from mailtrio.config import Settings
 
 
@@ -16,9 +18,12 @@ def hypercorn_config(settings: Settings) -> Config:
     config = Config()
     host = settings.http_host
     config.bind = [f"[{host}]:{settings.http_port}" if ":" in host else f"{host}:{settings.http_port}"]
-    config.graceful_timeout = min(5.0, settings.shutdown_timeout / 3)
+    # In-flight requests drain beside the attempts until the shutdown deadline minus the reserve
+    # (the service's cancel scope enforces the same bound).
+    config.graceful_timeout = max(0.1, settings.shutdown_timeout - shutdown.drain_reserve(settings.shutdown_timeout))
     config.accesslog = None
-    config.errorlog = None
+    # hypercorn's own errors go through the standard library's logging: JSON lines on stdout
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75
     config.include_server_header = False
     return config

@@ -3,6 +3,14 @@
 `Database` owns an asyncio `AsyncConnectionPool` living on the trio-asyncio loop. Store code is
 written as asyncio coroutines taking a connection; Trio callers run them with `Database.run`,
 which checks a connection out of the pool, runs the unit of work and returns its result.
+
+Hard bounds: a unit of work cancelled from Trio (its deadline passed, or the shutdown's) is
+abandoned at once: the connection is closed rather than asking the server to cancel the query and
+waiting for the answer (psycopg's default, up to 5 s + 5 s against a stalled server); the pool
+replaces it. Every connection has a connect timeout, TCP keepalives and `tcp_user_timeout`, so a
+silent network failure surfaces as an error (the LISTEN connection included), and the pool's
+reconnect backoff is capped at RECONNECT_MAX_DELAY, so after an outage of any length the pool
+is back within seconds of PostgreSQL.
 """
 
 from __future__ import annotations
@@ -13,8 +21,11 @@ from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
+import psycopg_pool.pool_async
 import trio
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
+from psycopg_pool.base import AttemptWithBackoff
 
 from mailtrio import bridge
 from mailtrio.store import migrations
@@ -38,41 +49,100 @@ class StartupError(Exception):
     """A startup step failed; the message is one clear line for the operator."""
 
 
+# libpq connection options applied unless the DSN sets them: a bounded connect, and a dead peer
+# noticed within ~25 s on an idle connection (keepalives) and ~20 s with data unacknowledged
+# (tcp_user_timeout, ms).
+CONNECTION_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 20000,
+}
+# The pool's reconnect attempts back off exponentially from 1 s up to this cap (psycopg_pool's
+# own backoff doubles without a cap until `reconnect_timeout`).
+RECONNECT_MAX_DELAY = 2.0
+
+
+class _CappedBackoff(AttemptWithBackoff):
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, RECONNECT_MAX_DELAY)
+
+
+# psycopg_pool has no setting for the cap; its pool builds attempts from this module attribute.
+psycopg_pool.pool_async.AttemptWithBackoff = _CappedBackoff  # type: ignore[misc]
+
+
+class AbandoningConnection(psycopg.AsyncConnection[Any]):
+    """A connection whose interrupted query is abandoned at once.
+
+    When the asyncio task running a query is cancelled (a Trio deadline passed), psycopg asks the
+    server to cancel the query (a new connection, up to 5 s) and then waits up to 5 s more for the
+    query to end. Here the connection is closed instead: nothing waits for a stalled server, the
+    server ends the query when it sees the connection gone, and the pool opens a new one."""
+
+    async def _try_cancel(self, *, timeout: float = 5.0) -> None:  # noqa: ASYNC109 (psycopg signature)
+        self.pgconn.finish()
+
+
+def connection_options(dsn: str) -> dict[str, Any]:
+    """CONNECTION_OPTIONS without those the DSN sets itself."""
+    given = conninfo_to_dict(dsn)
+    return {key: value for key, value in CONNECTION_OPTIONS.items() if key not in given}
+
+
 class Database:
-    def __init__(self, dsn: str, pool_size: int, *, application_name: str = "mailtrio") -> None:
+    def __init__(self, dsn: str, pool_size: int, *, application_name: str = "mailtrio",
+                 min_size: int | None = None, name: str = "mailtrio") -> None:
         self.dsn = dsn
         self.application_name = application_name
+        self.options = connection_options(dsn)
         self.pool = psycopg_pool.AsyncConnectionPool(
             dsn,
-            min_size=min(2, pool_size),
+            min_size=min(2, pool_size) if min_size is None else min_size,
             max_size=pool_size,
-            kwargs={"autocommit": True, "row_factory": dict_row, "application_name": application_name},
+            connection_class=AbandoningConnection,
+            kwargs={"autocommit": True, "row_factory": dict_row, "application_name": application_name,
+                    **self.options},
             open=False,
             timeout=10.0,
             reconnect_timeout=3600.0,
-            name="mailtrio",
+            name=name,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def connect_direct(self, *, within: float = 5.0) -> Conn:
         """One connection outside the pool (advisory locks, LISTEN). Caller closes it."""
 
+        options = {**self.options, "connect_timeout": max(2, int(within))}
+
         async def _connect() -> Conn:
-            return await psycopg.AsyncConnection.connect(
+            return await AbandoningConnection.connect(
                 self.dsn,
                 autocommit=True,
                 row_factory=dict_row,
-                connect_timeout=max(1, int(within)),
                 application_name=self.application_name,
+                **options,
             )
 
         with trio.fail_after(within + 1):
             return await bridge.call(_connect)
 
-    async def open(self, *, within: float = 10.0) -> None:
-        """Check connectivity and the `mail` schema, then open the pool."""
+    async def open(self, *, within: float = 10.0, check: bool = True) -> None:
+        """Check connectivity and the `mail` schema (unless not `check`), then open the pool."""
+        if check:
+            await self._check_schema(within=min(within, 5.0))
         try:
-            conn = await self.connect_direct(within=min(within, 5.0))
+            with trio.fail_after(within):
+                await bridge.call(self.pool.open, wait=True, timeout=within)
+        except (psycopg.Error, psycopg_pool.PoolTimeout, trio.TooSlowError) as exc:
+            raise StartupError(f"cannot open the PostgreSQL pool: {_one_line(exc)}") from exc
+
+    async def _check_schema(self, *, within: float) -> None:
+        try:
+            conn = await self.connect_direct(within=within)
         except (psycopg.Error, OSError, trio.TooSlowError) as exc:
             raise StartupError(f"cannot connect to PostgreSQL: {_one_line(exc)}") from exc
         try:
@@ -82,23 +152,24 @@ class Database:
                 row = await cur.fetchone()
                 return bool(row and row["present"])
 
-            if not await bridge.call(_schema):
-                raise StartupError(
-                    "PostgreSQL schema 'mail' does not exist: it is provisioned externally for the "
-                    "service role (CREATE SCHEMA mail AUTHORIZATION mailservice)"
-                )
-        finally:
-            await bridge.call(conn.close)
-        try:
             with trio.fail_after(within):
-                await bridge.call(self.pool.open, wait=True, timeout=within)
-        except (psycopg.Error, psycopg_pool.PoolTimeout, trio.TooSlowError) as exc:
-            raise StartupError(f"cannot open the PostgreSQL pool: {_one_line(exc)}") from exc
+                present = await bridge.call(_schema)
+        except (psycopg.Error, trio.TooSlowError) as exc:
+            raise StartupError(f"cannot check the PostgreSQL schema: {_one_line(exc)}") from exc
+        finally:
+            # Closing is local (no round trip): never skipped, even when cancelled.
+            await close_quietly(conn)
+        if not present:
+            raise StartupError(
+                "PostgreSQL schema 'mail' does not exist: it is provisioned externally for the "
+                "service role (CREATE SCHEMA mail AUTHORIZATION mailservice)"
+            )
 
     async def close(self, *, within: float = 5.0) -> None:
-        with trio.move_on_after(within) as scope:
-            scope.shield = True
-            await bridge.call(self.pool.close, timeout=within)
+        """Close the pool within `within` seconds (and the caller's deadline); connections still
+        busy then are abandoned (their units of work close them when cancelled)."""
+        with trio.move_on_after(within):
+            await bridge.call(self.pool.close, timeout=max(0.1, min(within, 5.0)))
 
     # -- units of work -------------------------------------------------------------------------
     async def run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
@@ -162,8 +233,18 @@ class Database:
         except trio.TooSlowError as exc:
             raise StartupError(f"applying migrations did not finish within {within:.0f}s") from exc
         finally:
-            with trio.CancelScope(shield=True):
-                await bridge.call(conn.close)
+            await close_quietly(conn)
+
+
+async def close_quietly(conn: Conn) -> None:
+    """Close a direct connection: local work only (libpq's finish), so it is done synchronously and
+    cannot be skipped by a cancellation."""
+    conn.pgconn.finish()
+    with trio.CancelScope(shield=True):
+        try:
+            await bridge.call(conn.close)
+        except Exception:
+            pass
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,5 +1,6 @@
-"""Coordinated shutdown (CONTRACT §3; runbook "Shutdown"): SIGTERM/SIGINT stop the listener first,
-then the services, the whole bounded by MAIL_SHUTDOWN_TIMEOUT, then `shutdown complete`, exit 0."""
+"""Coordinated shutdown (CONTRACT §3; runbook "Shutdown"): SIGTERM/SIGINT stop the listener and the
+feeders (consumer, scheduler) in the same moment, in-flight requests and attempts drain side by
+side, the whole bounded by MAIL_SHUTDOWN_TIMEOUT, then `shutdown complete`, exit 0."""
 
 from __future__ import annotations
 
@@ -37,10 +38,10 @@ def test_signal_stops_gracefully_in_order(service_env: dict[str, str], signum: i
         events = proc.events()
     assert events[-1] == "shutdown complete"
     assert proc.stderr == ""
-    listener = events.index("internal http listener stopped")
-    assert events.index("signal received") < events.index("shutdown started") < listener
+    started = events.index("shutdown started")
+    assert events.index("signal received") < started < events.index("internal http listener stopped"), events
     for line in SERVICE_STOP_LINES:
-        assert listener < events.index(line) < events.index("shutdown complete"), events
+        assert started < events.index(line) < events.index("shutdown complete"), events
 
 
 def test_listener_refuses_connections_after_shutdown_started(service_env: dict[str, str]) -> None:
@@ -86,7 +87,8 @@ def test_stalled_request_is_bounded_by_shutdown_timeout(service_env: dict[str, s
         assert "response" not in result, result
         events = proc.events()
     assert events[-1] == "shutdown complete"
-    assert events.index("internal http listener stopped") < events.index("command consumer stopped")
+    # the consumer does not wait for the HTTP drain: it stops claiming at once
+    assert events.index("command consumer stopped") < events.index("internal http listener stopped")
 
 
 def test_slow_loris_client_does_not_hold_shutdown(service_env: dict[str, str]) -> None:
@@ -127,7 +129,8 @@ def test_a_stalled_telemetry_collector_does_not_hold_the_exit(
     service_env: dict[str, str], tcp_sink: TcpSink, protocol: str
 ) -> None:
     """Spans and metrics are flushed at exit, but a collector that accepts and never answers only
-    gets TELEMETRY_FLUSH_BOUND; the exporters' own retries (10 s each) are not waited for."""
+    gets until the shutdown deadline plus half a second (at most TELEMETRY_FLUSH_BOUND); the
+    exporters' own retries (10 s each) are not waited for."""
     timeout = 3.0
     env = {**service_env, "MAIL_SHUTDOWN_TIMEOUT": f"{timeout:g}s",
            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{tcp_sink.addr}", "OTEL_EXPORTER_OTLP_PROTOCOL": protocol}
@@ -137,5 +140,5 @@ def test_a_stalled_telemetry_collector_does_not_hold_the_exit(
         code, elapsed = _timed_stop(proc)
     assert code == 0, proc.stderr
     assert tcp_sink.count >= 1  # the exporters did try the collector
-    assert elapsed < timeout + TELEMETRY_FLUSH_BOUND + 2.0, elapsed
+    assert elapsed < min(timeout + 1.0, TELEMETRY_FLUSH_BOUND + 1.0), elapsed
     assert proc.events()[-1] == "shutdown complete"

@@ -106,7 +106,8 @@ class ServeProcess:
                 self._cond.wait(min(remaining, 0.2))
 
     def wait_ready(self, timeout: float = 20.0) -> None:
-        self.wait_for("internal http listener started", timeout)
+        """Wait until the listener is bound and every service has started."""
+        self.wait_for("service ready", timeout)
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
