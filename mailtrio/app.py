@@ -18,15 +18,17 @@ by the deadline. A second signal cancels everything at once.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import trio
 
 import mailtrio
-from mailtrio import bridge, log, shutdown, telemetry
+from mailtrio import bridge, log, sdnotify, shutdown, telemetry
 from mailtrio.catalog import Catalog, CatalogError
 from mailtrio.config import Settings
+from mailtrio.events import Publisher
 from mailtrio.identity import InstanceIdentity
 from mailtrio.intake import Consumer
 from mailtrio.retention import Retention
@@ -144,6 +146,7 @@ async def _serve(
     scheduler = Scheduler(settings, db, send, pool, identity=identity)
     consumer = Consumer(settings, stream, db, catalog)
     retention = Retention(settings, db)
+    publisher = Publisher(settings, db)
     http_app = create_app(settings, api_db)
     reserve = shutdown.drain_reserve(settings.shutdown_timeout)
 
@@ -171,14 +174,24 @@ async def _serve(
         pool_scope = trio.CancelScope()
 
         async def run_pool(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with pool_scope:
-                await pool.run(task_status=task_status)
+            try:
+                with pool_scope:
+                    await pool.run(task_status=task_status)
+            finally:
+                # The workers' last outcomes are in the outbox: the event publisher gets a short
+                # share of what is left of the shutdown budget to publish them (never the time
+                # kept for closing connections), then stops.
+                publisher.stop(within=min(2.0, stop.cap(math.inf, shutdown.close_reserve(settings.shutdown_timeout))
+                                          - trio.current_time()))
             if pool_scope.cancelled_caught:
                 _log.warning("attempt worker pool stopped at the shutdown deadline; running attempts were "
                              "cancelled")
             else:
                 _log.info("attempt worker pool stopped")
 
+        # The event publisher outlives the workers, so their last outcomes are published too.
+        await root.start(publisher.run)
+        stop.on_hurry(publisher.cancel)
         await root.start(run_pool)
         async with trio.open_nursery() as feeders:
 
@@ -189,6 +202,7 @@ async def _serve(
                 # the deadline minus the reserve.
                 await stop.requested.wait()
                 _log.info("shutdown started", timeout_s=settings.shutdown_timeout)
+                sdnotify.notify(settings.notify_socket, "STOPPING=1", "STATUS=shutting down: draining attempts")
                 feeders.cancel_scope.cancel()
                 http_scope.deadline = stop.cap(http_scope.deadline, reserve)
                 pool_scope.deadline = stop.cap(pool_scope.deadline, reserve)
@@ -202,6 +216,8 @@ async def _serve(
             await feeders.start(telemetry.ScheduleMonitor(db).run)
             _log.info("service ready", binds=binds)
             task_status.started(binds)
+            sdnotify.notify(settings.notify_socket, "READY=1", f"STATUS=ready: API on {' '.join(map(str, binds))}, "
+                            f"{settings.worker_concurrency} workers, {settings.smtp_mode} mode")
         _log.info("command consumer, scheduler and retention worker stopped")
 
 

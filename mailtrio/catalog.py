@@ -28,14 +28,13 @@ import trio
 from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mailtrio import message
+from mailtrio import bcp47, message
 
 SUBJECT = "subject.txt.j2"
 TEXT = "body.txt.j2"
 HTML = "body.html.j2"
 PARTIALS = "_partials"
 _TEMPLATE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-LOCALE_RE = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-(?:[A-Z]{2}|[0-9]{3}))?$")
 # Bounds on rendered content (CONTRACT §5 extension): the subject as a header the builder folds
 # within 998-octet lines (the same bound intake applies to a rendered-mode subject), and each body
 # part, in octets of UTF-8.
@@ -189,7 +188,7 @@ class Catalog:
                 continue
             locales: dict[str, _Entry] = {}
             for ldir in sorted(p for p in tdir.iterdir() if p.is_dir()):
-                if not LOCALE_RE.match(ldir.name):
+                if not bcp47.is_canonical(ldir.name):
                     problems.append(f"{ldir}:1: locale directory {ldir.name!r} is not canonical BCP 47")
                     continue
                 entry = catalog._load_locale(env, html_env, root, ldir, problems)

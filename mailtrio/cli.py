@@ -110,7 +110,7 @@ def _flush_telemetry(tel: Any, logger: Any, stop: Any) -> bool:
     return True
 
 
-def cmd_migrate(_: argparse.Namespace) -> int:
+def cmd_migrate(args: argparse.Namespace) -> int:
     import trio
 
     from mailtrio import bridge
@@ -121,6 +121,10 @@ def cmd_migrate(_: argparse.Namespace) -> int:
         dsn = postgres_dsn(os.environ)
     except ConfigError as exc:
         return _fail(EXIT_CONFIG, f"configuration error: {exc}")
+    if getattr(args, "action", "up") == "status":
+        from mailtrio.ops import migrate_status
+
+        return migrate_status.main(dsn, as_json=args.json)
 
     async def _migrate() -> list[int]:
         async with bridge.open_loop():
@@ -168,23 +172,156 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from mailtrio.ops import check
+
+    return check.main(os.environ, args.json)
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    from mailtrio.ops import commands
+
+    return commands.run(args, os.environ)
+
+
+def _wrap(names: Sequence[str], indent: str = "  ") -> str:
+    lines, line = [], indent
+    for name in names:
+        if len(line) + len(name) + 2 > 96 and line.strip():
+            lines.append(line.rstrip())
+            line = indent
+        line += name + ", "
+    lines.append(line.rstrip().rstrip(","))
+    return "\n".join(lines)
+
+
+def _service_variables() -> str:
+    from mailtrio.config import VARIABLES
+
+    return _wrap([*VARIABLES, "OTEL_*"])
+
+
+_EXITS_RUN = """exit codes:
+  0  graceful stop (SIGTERM/SIGINT)
+  1  a start-up step or the service failed (one line on stderr naming the step and the cause)
+  2  configuration error (one line naming the variable, before any network I/O) or bad usage"""
+
+_SERVE_HELP = """\
+Run the service until SIGTERM or SIGINT: validate the configuration, ping Redis, open the
+PostgreSQL pool and check schema mail, apply the embedded migrations, parse the template catalog,
+then start the attempt workers, scheduler, command consumer, retention worker and the internal
+HTTP listener. Logs go to stdout (MAIL_LOG_FORMAT). Under systemd (Type=notify) it sends READY=1
+once everything has started, STOPPING=1 when shutdown begins, and STATUS= lines.
+
+variables (see README "Configuration" for each; `mailtrio check` tries them all):
+{variables}
+  NOTIFY_SOCKET (set by systemd: where READY=1/STOPPING=1/STATUS= go)
+
+{exits}
+"""
+
+_CHECK_HELP = """\
+Run every start-up step of `mailtrio serve` without starting it, one line per step with ok,
+failed or skipped and why: configuration, Redis (PING), PostgreSQL (connect, schema mail, pool),
+migrations (applied and pending; nothing is applied), the template catalog (parse all), the
+listener address (can it be bound; in use is reported, not failed), and in smtp mode an SMTP
+probe with the service's own client (connect, EHLO, STARTTLS or TLS, AUTH, QUIT; nothing is
+sent). Run it before a deploy, with the service's environment.
+
+variables: the service's (see `mailtrio serve --help`):
+{variables}
+
+exit codes:
+  0  every step ok (pending migrations are ok: serve applies them)
+  1  a step failed
+  2  bad usage
+"""
+
+_MIGRATE_HELP = """\
+Apply the embedded goose-format migrations to schema mail (the default action, `up`), under the
+advisory lock the service takes at start-up, or show their status (`status`: each embedded
+migration with the time it was applied, or Pending, as `goose status` shows it; nothing is
+changed). Run `migrate` ahead of a rollout to keep migrations out of the start-up path.
+
+variables:
+  MAIL_POSTGRES_PRIMARY_DSN  libpq URI or key=value DSN of the database (required)
+
+exit codes:
+  0  applied (or nothing pending); status printed
+  1  PostgreSQL unreachable, schema mail missing, or a migration failed
+  2  MAIL_POSTGRES_PRIMARY_DSN missing or invalid, or bad usage
+"""
+
+_TEMPLATES_HELP = """\
+Parse the whole template catalog as the service does at start-up and print each problem as
+file:line (each template's locales when all is well).
+
+variables:
+  MAIL_TEMPLATE_DIR    catalog root, when DIR is not given
+  MAIL_DEFAULT_LOCALE  the locale every template must have (default en)
+
+exit codes:
+  0  the catalog is valid
+  1  problems were found (printed as file:line)
+  2  no DIR and no MAIL_TEMPLATE_DIR
+"""
+
+_ENQUEUE_EPILOG = """\
+variables:
+  MAIL_REDIS_MASTER_ADDR (required), MAIL_REDIS_PASSWORD, MAIL_REDIS_DB, MAIL_REDIS_COMMAND_STREAM
+
+exit codes:
+  0  the command was added to the stream (its delivery id is printed)
+  1  the command could not be added (Redis unreachable or refused it)
+  2  a variable is missing or invalid, the command would be malformed, or bad usage
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailtrio", description="mailtrio mail delivery service")
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="mailtrio", formatter_class=fmt,
+        description="mailtrio mail delivery service. `mailtrio COMMAND --help` says what a command does, "
+                    "the variables it reads and its exit codes.",
+        epilog="exit codes: 0 done, 1 failed or partly done, 2 configuration or usage error")
     parser.add_argument("--version", action="version", version=f"mailtrio {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="run the service until SIGTERM/SIGINT").set_defaults(fn=cmd_serve)
-    sub.add_parser("migrate", help="apply the embedded migrations and exit").set_defaults(fn=cmd_migrate)
-    templates = sub.add_parser("templates", help="template catalog tools")
+    variables = _service_variables()
+    sub.add_parser("serve", help="run the service until SIGTERM/SIGINT", formatter_class=fmt,
+                   description=_SERVE_HELP.format(variables=variables, exits=_EXITS_RUN)).set_defaults(fn=cmd_serve)
+    check = sub.add_parser("check", help="run every start-up step without starting (pre-flight)",
+                           formatter_class=fmt, description=_CHECK_HELP.format(variables=variables))
+    check.add_argument("--json", action="store_true", help="print the steps as JSON")
+    check.set_defaults(fn=cmd_check)
+    migrate = sub.add_parser("migrate", help="apply the embedded migrations, or show their status",
+                             formatter_class=fmt, description=_MIGRATE_HELP)
+    migrate.add_argument("action", nargs="?", choices=("up", "status"), default="up",
+                         help="up (default): apply pending migrations; status: list them and which are applied")
+    migrate.add_argument("--json", action="store_true", help="status as JSON")
+    migrate.set_defaults(fn=cmd_migrate)
+    templates = sub.add_parser("templates", help="template catalog tools", formatter_class=fmt,
+                               description=_TEMPLATES_HELP)
     tsub = templates.add_subparsers(dest="templates_command", required=True)
-    check = tsub.add_parser("check", help="parse the whole catalog, print problems with file:line")
-    check.add_argument("dir", nargs="?", help="catalog root (default: MAIL_TEMPLATE_DIR)")
-    check.set_defaults(fn=cmd_templates_check)
+    tcheck = tsub.add_parser("check", help="parse the whole catalog, print problems with file:line",
+                             formatter_class=fmt, description=_TEMPLATES_HELP)
+    tcheck.add_argument("dir", nargs="?", help="catalog root (default: MAIL_TEMPLATE_DIR)")
+    tcheck.set_defaults(fn=cmd_templates_check)
     try:
         from mailtrio.producer import add_enqueue_parser
     except ImportError:  # pragma: no cover - the producer helper ships with intake
         pass
     else:
         add_enqueue_parser(sub)
+        enqueue = sub.choices.get("enqueue")
+        if enqueue is not None and not enqueue.epilog:
+            enqueue.formatter_class = fmt
+            enqueue.epilog = _ENQUEUE_EPILOG
+    from mailtrio.ops.commands import add_parsers
+
+    add_parsers(sub, cmd_ops)
+    from mailtrio.events_cli import add_events_parser
+
+    add_events_parser(sub)
     return parser
 
 

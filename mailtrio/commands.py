@@ -36,11 +36,10 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, Final
 
-import langcodes
 import orjson
 from email_validator import EmailNotValidError, validate_email
 
-from mailtrio import message
+from mailtrio import bcp47, enums, message
 from mailtrio.message import MAX_LINE_OCTETS, STRUCTURED, UNSAFE_CONTROL_RE, header_name_allowed, structured_value_fits
 
 # -- the contract's limits -------------------------------------------------------------------
@@ -57,22 +56,11 @@ MAX_NAME: Final = 256
 MAX_HEADER_VALUE: Final = 2048
 MAX_HEADERS: Final = 50
 MAX_SEND_AHEAD: Final = timedelta(days=366)
-SOURCES: Final = ("authsession", "notification")
-MODES: Final = ("template", "rendered")
+SOURCES: Final = enums.SOURCES
+MODES: Final = enums.PAYLOAD_MODES
 REQUIRED_FIELDS: Final = ("delivery_id", "source", "idempotency_key", "payload_mode", "locale", "payload")
 
-FAILURE_CODES: Final = (
-    "invalid_json",
-    "missing_field",
-    "invalid_field",
-    "invalid_locale",
-    "invalid_recipient",
-    "unknown_template",
-    "unsafe_header",
-    "payload_too_large",
-    "idempotency_conflict",
-    "stale_command",
-)
+FAILURE_CODES: Final = enums.FAILURE_CODES
 
 # Stored copies of a malformed entry are bounded: an attacker's 100 MB field is not kept whole.
 RAW_VALUE_LIMIT: Final = 64 * 1024
@@ -82,7 +70,7 @@ RAW_FIELDS_LIMIT: Final = 256
 RAW_ID_LIMIT: Final = 256
 
 _DELIVERY_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_LOCALE_RE = re.compile(r"[a-z]{2,3}(?:-[A-Z][a-z]{3})?(?:-(?:[A-Z]{2}|[0-9]{3}))?")
+_LOCALE_RE = bcp47.SHAPE
 # RFC 3339 date-time with a mandatory offset (`Z` or ±hh:mm); the separator may be T, t or space.
 _RFC3339_RE = re.compile(
     r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
@@ -616,15 +604,7 @@ def valid_traceparent(text: str) -> bool:
     return trace_id != "0" * 32 and span_id != "0" * 16
 
 
-@lru_cache(maxsize=4096)
-def _locale_ok(tag: str) -> bool:
-    """Canonical BCP 47 in the catalog's shape: language[-Script][-REGION], registered subtags."""
-    if not _LOCALE_RE.fullmatch(tag):
-        return False
-    try:
-        return bool(langcodes.tag_is_valid(tag)) and langcodes.standardize_tag(tag) == tag
-    except (ValueError, LookupError):
-        return False
+_locale_ok = bcp47.is_canonical
 
 
 def _recipient(item: Any, where: str) -> dict[str, str | None]:

@@ -6,6 +6,7 @@ variable; the CLI turns it into one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
 from pathlib import Path
+
+from mailtrio import bcp47
 
 
 class ConfigError(Exception):
@@ -98,6 +101,16 @@ def parse_hostport(text: str) -> tuple[str, int]:
     return host, int(port_s)
 
 
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback IP addresses (no name is resolved: configuration does no I/O)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_host: str
@@ -132,9 +145,18 @@ class Settings:
     retention_interval: float
     log_format: str
     log_level: str
+    # outcome events (README "Outcome events")
+    event_stream: str
+    event_stream_maxlen: int
+    event_stream_max_age: float
+    events_publisher: bool
+    event_outbox_retention: float
     # What EHLO says; None: the host's fully qualified name, else the domain of MAIL_SMTP_FROM
     # (worked out by the SMTP provider: the name lookup is network I/O, never done here).
     smtp_helo_name: str | None = None
+    http_protected_mode: bool = True
+    # systemd's NOTIFY_SOCKET (not a MAIL_* variable: systemd sets it under Type=notify)
+    notify_socket: str | None = None
     max_interrupted: int = 3
     console_session_ttl: float = 12 * 3600.0
 
@@ -178,7 +200,12 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
                             "literal such as `[192.0.2.1]` (default: the host's fully qualified name, else "
                             "the domain of MAIL_SMTP_FROM)"),
     "MAIL_INTERNAL_HTTP_ADDR": (False, "127.0.0.1:8080", "internal HTTP listener"),
-    "MAIL_INTERNAL_HTTP_TOKEN": (False, "", "bearer token required on every route when set"),
+    "MAIL_INTERNAL_HTTP_TOKEN": (False, "", "bearer token required on every route when set; required when "
+                                 "the listener is not on loopback (see MAIL_INTERNAL_HTTP_PROTECTED_MODE)"),
+    "MAIL_INTERNAL_HTTP_PROTECTED_MODE": (False, "yes", "`yes`: a MAIL_INTERNAL_HTTP_ADDR that is not a loopback "
+                                          "address (127.0.0.0/8, ::1, localhost) needs MAIL_INTERNAL_HTTP_TOKEN, "
+                                          "else exit 2; `no` serves it without a token (the API shows login "
+                                          "codes: only behind another access control)"),
     "MAIL_CONSOLE_SESSION_TTL": (False, "12h", "how long a sign-in to the operator console (`/console`) lasts "
                                  "when MAIL_INTERNAL_HTTP_TOKEN is set"),
     "MAIL_SHUTDOWN_TIMEOUT": (False, "30s", "bound on the whole coordinated shutdown (keep it below "
@@ -192,6 +219,16 @@ VARIABLES: dict[str, tuple[bool, str, str]] = {
                              "while its delivery is unfinished; older stream entries are stale_command and trimmed"),
     "MAIL_RETENTION_PERIOD": (False, "720h", "age after which terminal rows are deleted"),
     "MAIL_RETENTION_INTERVAL": (False, "1h", "how often the retention worker runs"),
+    "MAIL_REDIS_EVENT_STREAM": (False, "mail:delivery_events", "outbound stream of delivery outcome events "
+                                "(`accepted`, `deferred`, `sent`, ... ; see Outcome events)"),
+    "MAIL_REDIS_EVENT_STREAM_MAXLEN": (False, "1000000", "bound on the event stream's length (`XADD MAXLEN ~`); "
+                                       "`0` = no length bound"),
+    "MAIL_REDIS_EVENT_STREAM_MAX_AGE": (False, "168h", "bound on the age of event stream entries (`XTRIM MINID ~`); "
+                                        "`0` = no age bound"),
+    "MAIL_EVENTS_PUBLISHER": (False, "on", "`on`: this instance may be the (single) event publisher; `off`: it "
+                              "never publishes (events wait in the outbox for an instance that does)"),
+    "MAIL_EVENT_OUTBOX_RETENTION": (False, "24h", "age after which published outbox rows are deleted by the "
+                                    "retention worker (unpublished rows are never deleted)"),
     "MAIL_LOG_FORMAT": (False, "json", "`json` (one object per line on stdout) or `console`"),
     "MAIL_LOG_LEVEL": (False, "info", "debug, info, warning, error or critical"),
 }
@@ -210,7 +247,6 @@ def postgres_dsn(env: Mapping[str, str]) -> str:
     return dsn
 
 
-_LOCALE_RE = re.compile(r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-([A-Z]{2}|[0-9]{3}))?$")
 _STREAM_NAME_RE = re.compile(r"^[^\s]{1,256}$")
 _LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -274,8 +310,9 @@ def _parse(env: Mapping[str, str]) -> Settings:
     if not template_dir.is_dir():
         raise ConfigError("MAIL_TEMPLATE_DIR", f"{str(template_dir)!r} is not a directory")
     default_locale = default("MAIL_DEFAULT_LOCALE")
-    if not _LOCALE_RE.match(default_locale):
-        raise ConfigError("MAIL_DEFAULT_LOCALE", f"{default_locale!r} is not a canonical BCP 47 tag")
+    if not bcp47.is_canonical(default_locale):
+        raise ConfigError("MAIL_DEFAULT_LOCALE",
+                          f"{default_locale!r} is not a canonical BCP 47 tag ({bcp47.EXAMPLES})")
 
     mode = required("MAIL_SMTP_MODE")
     if mode not in ("smtp", "stub"):
@@ -317,6 +354,18 @@ def _parse(env: Mapping[str, str]) -> Settings:
 
     http_host, http_port = address("MAIL_INTERNAL_HTTP_ADDR", default("MAIL_INTERNAL_HTTP_ADDR"))
     http_token = env.get("MAIL_INTERNAL_HTTP_TOKEN") or None
+    protected_raw = default("MAIL_INTERNAL_HTTP_PROTECTED_MODE").lower()
+    if protected_raw not in ("yes", "no"):
+        raise ConfigError("MAIL_INTERNAL_HTTP_PROTECTED_MODE", f"must be yes or no, got {protected_raw!r}")
+    protected = protected_raw == "yes"
+    # Protected mode (Redis's model): content routes show login codes, so an API reachable from
+    # other hosts must ask for a token unless the operator says otherwise.
+    if protected and http_token is None and not is_loopback(http_host):
+        raise ConfigError(
+            "MAIL_INTERNAL_HTTP_TOKEN",
+            f"is required when MAIL_INTERNAL_HTTP_ADDR ({http_host}) is not a loopback address: the API "
+            "shows login codes (set MAIL_INTERNAL_HTTP_PROTECTED_MODE=no to serve it without a token anyway)",
+        )
     shutdown_timeout = duration("MAIL_SHUTDOWN_TIMEOUT")
     console_session_ttl = duration("MAIL_CONSOLE_SESSION_TTL")
     if console_session_ttl < 1:
@@ -336,6 +385,19 @@ def _parse(env: Mapping[str, str]) -> Settings:
     idempotency_ttl = duration("MAIL_IDEMPOTENCY_TTL")
     retention_period = duration("MAIL_RETENTION_PERIOD")
     retention_interval = duration("MAIL_RETENTION_INTERVAL")
+    event_stream = default("MAIL_REDIS_EVENT_STREAM")
+    if not _STREAM_NAME_RE.match(event_stream):
+        raise ConfigError("MAIL_REDIS_EVENT_STREAM", "must be a non-empty key without spaces")
+    if event_stream == stream:
+        raise ConfigError("MAIL_REDIS_EVENT_STREAM", "must differ from MAIL_REDIS_COMMAND_STREAM")
+    event_maxlen = integer("MAIL_REDIS_EVENT_STREAM_MAXLEN", 0, 1_000_000_000)
+    event_max_age = duration("MAIL_REDIS_EVENT_STREAM_MAX_AGE", positive=False)
+    if event_max_age < 0:
+        raise ConfigError("MAIL_REDIS_EVENT_STREAM_MAX_AGE", "must not be negative")
+    publisher_raw = default("MAIL_EVENTS_PUBLISHER").lower()
+    if publisher_raw not in ("on", "off"):
+        raise ConfigError("MAIL_EVENTS_PUBLISHER", f"must be on or off, got {publisher_raw!r}")
+    outbox_retention = duration("MAIL_EVENT_OUTBOX_RETENTION")
     log_format = default("MAIL_LOG_FORMAT").lower()
     if log_format not in ("json", "console"):
         raise ConfigError("MAIL_LOG_FORMAT", f"must be json or console, got {log_format!r}")
@@ -378,6 +440,13 @@ def _parse(env: Mapping[str, str]) -> Settings:
         retention_interval=retention_interval,
         log_format=log_format,
         log_level=log_level,
+        http_protected_mode=protected,
+        notify_socket=env.get("NOTIFY_SOCKET") or None,
+        event_stream=event_stream,
+        event_stream_maxlen=event_maxlen,
+        event_stream_max_age=event_max_age,
+        events_publisher=publisher_raw == "on",
+        event_outbox_retention=outbox_retention,
         smtp_helo_name=helo_name,
         max_interrupted=max_interrupted,
         console_session_ttl=console_session_ttl,

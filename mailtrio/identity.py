@@ -34,6 +34,7 @@ from typing import Any
 import trio
 
 from mailtrio import bridge, log, shutdown
+from mailtrio.backoff import Backoff
 from mailtrio.store import Conn, Database, StartupError, close_quietly
 from mailtrio.store import engine as store
 
@@ -151,13 +152,14 @@ class InstanceIdentity:
                 return
 
     async def _reacquire(self) -> None:
-        backoff = RECONNECT_BACKOFF[0]
+        backoff = Backoff(*RECONNECT_BACKOFF)
+        delay = backoff.next()
         while True:
             try:
                 acquired, holder = await self._try()
             except Exception as exc:
                 _log.warning("instance identity lock: reconnect failed", instance_id=self.instance_id,
-                             error=_one_line(exc), retry_in_s=backoff)
+                             error=_one_line(exc), retry_in_s=round(delay, 3))
             else:
                 if acquired:
                     _log.info("instance identity lock re-acquired", instance_id=self.instance_id,
@@ -178,8 +180,8 @@ class InstanceIdentity:
                     _log.error("instance identity conflict", instance_id=self.instance_id,
                                holder=_describe(holder))
                     raise IdentityConflict(message)
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, RECONNECT_BACKOFF[1])
+            await trio.sleep(delay)
+            delay = backoff.next()
 
     async def _terminate(self, pid: int) -> None:
         conn = await self.db.connect_direct()

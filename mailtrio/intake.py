@@ -14,7 +14,7 @@ Where a batch comes from, in order of priority:
 `run` does the same until cancelled, with one overlap: while a batch of new entries is being
 committed and acknowledged, the next one is already read and validated (commits stay strictly in
 stream order). A failure of Redis or PostgreSQL (connection reset, restart, CLIENT KILL, lost
-consumer group) is logged and retried after a bounded exponential backoff, starting again from
+consumer group) is logged and retried after a bounded exponential backoff with jitter, starting again from
 this consumer's pending entries; nothing is acknowledged that was not committed, and the consumer
 never exits on its own.
 
@@ -53,6 +53,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailtrio import commands, log, telemetry
+from mailtrio.backoff import Backoff
 from mailtrio.catalog import Catalog
 from mailtrio.commands import Command, Malformed, Outcome
 from mailtrio.config import Settings
@@ -105,21 +106,6 @@ class IntakeCounts:
     acked: int = 0
 
 
-class Backoff:
-    """Exponential backoff: first, doubling, capped; reset after a success."""
-
-    def __init__(self, first: float = BACKOFF_FIRST, cap: float = BACKOFF_MAX) -> None:
-        self.first = first
-        self.cap = cap
-        self._next = first
-
-    def next(self) -> float:
-        delay = self._next
-        self._next = min(self.cap, self._next * 2)
-        return delay
-
-    def reset(self) -> None:
-        self._next = self.first
 
 
 @dataclass
@@ -200,7 +186,7 @@ class Consumer:
                 claim_idle_s=self.claim_idle,
             )
             task_status.started()
-            backoff = Backoff()
+            backoff = Backoff(BACKOFF_FIRST, BACKOFF_MAX)
             while True:
                 try:
                     await self._pipeline(on_success=backoff.reset)
@@ -212,7 +198,7 @@ class Consumer:
                         "command consumer error; retrying",
                         error=_describe(err),
                         step=_step(err),
-                        retry_in_s=delay,
+                        retry_in_s=round(delay, 3),
                         exc_info=not _transient(err),
                     )
                     self._after_failure(err)
@@ -364,6 +350,7 @@ class Consumer:
             attributes={
                 "messaging.system": "redis",
                 "messaging.operation.name": "process",
+                "messaging.operation.type": "process",
                 "messaging.destination.name": self.stream.name,
                 "messaging.consumer.group.name": self.stream.group,
                 "messaging.batch.message_count": len(entries),
@@ -436,7 +423,9 @@ class Consumer:
             context=_propagator.extract({"traceparent": text}),
             kind=SpanKind.CONSUMER,
             links=link,
-            attributes={"messaging.message.id": entry_id, "messaging.destination.name": self.stream.name},
+            attributes={"messaging.message.id": entry_id, "messaging.destination.name": self.stream.name,
+                        "messaging.system": "redis", "messaging.operation.name": "process",
+                        "messaging.operation.type": "process"},
         )
 
     async def _finish(self, batch: _Batch) -> IntakeCounts:

@@ -6,7 +6,8 @@ it) it deletes, oldest first and at most `BATCH_SIZE` rows per transaction:
   `updated_at` is older than `MAIL_RETENTION_PERIOD`, with their payloads, attempts and dead-letter
   rows (ON DELETE CASCADE);
 - malformed commands received longer ago than the retention period;
-- idempotency reservations past their expiry.
+- idempotency reservations past their expiry;
+- event outbox rows published longer ago than `MAIL_EVENT_OUTBOX_RETENTION` (never unpublished ones).
 Each batch takes a transaction-level advisory lock without waiting; when another instance holds
 it, this run is skipped.
 """
@@ -37,6 +38,7 @@ class RetentionCounts:
     deliveries: int = 0
     malformed_commands: int = 0
     idempotency_reservations: int = 0
+    delivery_events: int = 0
     # transactions that deleted rows (each at most `batch_size` rows)
     batches: int = 0
     # another instance held the retention lock
@@ -51,6 +53,11 @@ class Retention:
         self.db = db
         self.batch_size = batch_size
 
+    def _period(self, kind: store.Kind) -> float:
+        if kind == "delivery_events":
+            return self.settings.event_outbox_retention
+        return self.settings.retention_period
+
     async def run_once(self) -> RetentionCounts:
         """One retention pass; returns what it deleted (logged as `sql retention run`)."""
         counts = RetentionCounts()
@@ -60,7 +67,7 @@ class Retention:
                 while True:
                     with trio.fail_after(BATCH_TIMEOUT):
                         deleted = await store.delete_batch(
-                            self.db, kind, period_s=self.settings.retention_period, batch=self.batch_size
+                            self.db, kind, period_s=self._period(kind), batch=self.batch_size
                         )
                     if deleted is None:
                         counts.skipped = True

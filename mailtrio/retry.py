@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mailtrio.enums import DeliveryStatus
 from mailtrio.providers.base import AttemptStatus, Phase, RecipientReply, Reply, SendReport
 
 SUPPRESS_RE = re.compile(r"(?i)suppress")
@@ -114,15 +115,15 @@ def next_step(
 ) -> Step:
     """The delivery's next state after an attempt ended with `status` at `ladder_step`."""
     if status == AttemptStatus.PROVIDER_ACCEPTED:
-        return Step("sent", None, ladder_step)
+        return Step(DeliveryStatus.SENT, None, ladder_step)
     if status == AttemptStatus.SUPPRESSED:
-        return Step("suppressed", None, ladder_step)
+        return Step(DeliveryStatus.SUPPRESSED, None, ladder_step)
     if status == AttemptStatus.PROVIDER_REJECTED:
-        return Step("suppressed" if suppressed else "failed", None, ladder_step)
+        return Step(DeliveryStatus.SUPPRESSED if suppressed else DeliveryStatus.FAILED, None, ladder_step)
     if status in RETRYABLE:
         if ladder_step < len(ladder):
-            return Step("rendered", float(ladder[ladder_step]), ladder_step + 1)
-        return Step("dead_letter", None, ladder_step, dead_letter=True)
+            return Step(DeliveryStatus.RENDERED, float(ladder[ladder_step]), ladder_step + 1)
+        return Step(DeliveryStatus.DEAD_LETTER, None, ladder_step, dead_letter=True)
     raise ValueError(f"no ladder step for attempt status {status!r}")
 
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from mailtrio import bridge, log, shutdown, telemetry
+from mailtrio.backoff import Backoff
 from mailtrio.config import Settings
 from mailtrio.store import Conn, Database, close_quietly
 from mailtrio.store import engine as store
@@ -73,8 +74,9 @@ QUERY_TIMEOUT = 15.0
 # which would leave its rows waiting for lease expiry), within this bound; never more than a
 # quarter of MAIL_SHUTDOWN_TIMEOUT, so a stalled claim cannot stretch the shutdown past its bound.
 CLAIM_TIMEOUT = 5.0
-# After a database error, wait this long (doubling up to the cap) before trying again; the cap
-# keeps claims resuming within seconds of PostgreSQL's return, whatever the outage's length.
+# After a database error, wait about this long (doubling up to the cap, jittered: mailtrio.backoff)
+# before trying again; the cap keeps claims resuming within seconds of PostgreSQL's return, whatever
+# the outage's length.
 ERROR_BACKOFF = (0.2, 2.0)
 # Never sleep less than this between claim rounds that found nothing claimable.
 MIN_SLEEP = 0.01
@@ -232,7 +234,7 @@ class Scheduler:
         """Start claims while the window has room, up to CONCURRENT_CLAIMS at once (their commits
         overlap); when a claim comes back short, the schedule is drained: sleep until woken or
         due."""
-        backoff = ERROR_BACKOFF[0]
+        backoff = Backoff(*ERROR_BACKOFF)
         async with trio.open_nursery() as nursery:
             while True:
                 available = await self._wait_capacity()
@@ -244,12 +246,11 @@ class Scheduler:
                     continue
                 if self._error:
                     self._error = False
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, ERROR_BACKOFF[1])
+                    await trio.sleep(backoff.next())
                     continue
                 if self._claim_ok:
                     self._claim_ok = False
-                    backoff = ERROR_BACKOFF[0]
+                    backoff.reset()
                 if self._drained:
                     # The last claim came back short and read when the next delivery falls due.
                     wait = self.next_wait
@@ -405,7 +406,7 @@ class Scheduler:
     # -- LISTEN mail_schedule --------------------------------------------------------------------
     async def _listen(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
-        backoff = ERROR_BACKOFF[0]
+        backoff = Backoff(*ERROR_BACKOFF)
         while True:
             conn: Conn | None = None
             try:
@@ -416,7 +417,7 @@ class Scheduler:
                 if started:
                     _log.info("schedule listener reconnected")
                 self._listening = True
-                backoff = ERROR_BACKOFF[0]
+                backoff.reset()
                 self.wake()  # anything notified while we were not listening
                 if not started:
                     started = True
@@ -426,8 +427,9 @@ class Scheduler:
                         self.wake()
             except Exception as exc:
                 self._listening = False
+                delay = backoff.next()
                 _log.warning("schedule listener lost; polling until it reconnects",
-                             error=_one_line(exc), retry_in_s=backoff)
+                             error=_one_line(exc), retry_in_s=round(delay, 3))
             finally:
                 if conn is not None:
                     await close_quietly(conn)
@@ -435,8 +437,7 @@ class Scheduler:
                 # Start anyway: the bounded poll keeps the schedule moving without notifications.
                 started = True
                 task_status.started()
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, ERROR_BACKOFF[1])
+            await trio.sleep(delay)
 
     # -- regular activity line ------------------------------------------------------------------
     async def _activity_loop(self) -> None:

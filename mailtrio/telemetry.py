@@ -93,6 +93,43 @@ schedule_oldest_age_ms = meter.create_observable_gauge(
 )
 
 
+@dataclass
+class OutboxSnapshot:
+    depth: int = 0
+    oldest_age_ms: float = 0.0
+
+
+# The event outbox gauges read a snapshot that the event publisher's monitor refreshes (every
+# instance refreshes it, publishing or not).
+outbox_snapshot = OutboxSnapshot()
+
+
+def _outbox_depth_cb(_: CallbackOptions) -> Iterable[Observation]:
+    yield Observation(outbox_snapshot.depth)
+
+
+def _outbox_oldest_cb(_: CallbackOptions) -> Iterable[Observation]:
+    yield Observation(outbox_snapshot.oldest_age_ms)
+
+
+events_outbox_depth = meter.create_observable_gauge(
+    "mail.events.outbox.depth",
+    callbacks=[_outbox_depth_cb],
+    unit="{event}",
+    description="Delivery events written but not yet published to the event stream",
+)
+events_outbox_oldest_age_ms = meter.create_observable_gauge(
+    "mail.events.outbox.oldest_age_ms",
+    callbacks=[_outbox_oldest_cb],
+    unit="ms",
+    description="Age of the oldest unpublished delivery event",
+)
+events_published = meter.create_counter(
+    "mail.events.published", unit="{event}",
+    description="Delivery events published to the event stream, by event type",
+)
+
+
 class ScheduleMonitor:
     """Refreshes `schedule_snapshot` every `interval` seconds with one indexed query.
 

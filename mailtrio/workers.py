@@ -54,10 +54,11 @@ from typing import TYPE_CHECKING
 
 import trio
 from opentelemetry import trace
-from opentelemetry.trace import Link, Span, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from mailtrio import log, message, retry, shutdown, telemetry
+from mailtrio.backoff import Backoff
 from mailtrio.catalog import Catalog, RenderError
 from mailtrio.config import Settings, format_duration
 from mailtrio.providers.base import AttemptStatus, Envelope, Phase, Provider, SendReport, Session
@@ -319,7 +320,7 @@ class Recorder:
 
     async def _flush(self, batch: _Batch, *, retry_transient: bool = True) -> None:
         items = [item for item, _ in batch.items]
-        delay = 0.1
+        backoff = Backoff(0.1, 2.0)
         try:
             while True:
                 try:
@@ -329,10 +330,10 @@ class Recorder:
                     if not retry_transient:
                         raise
                     # The leases still protect these rows; keep trying while the database recovers.
+                    delay = backoff.next()
                     _log.warning("outcome write failed, retrying", error=_one_line(exc),
-                                 retry_in_s=delay, items=len(items))
+                                 retry_in_s=round(delay, 3), items=len(items))
                     await trio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
         except trio.Cancelled:
             batch.failed = True
             raise
@@ -707,12 +708,20 @@ class WorkerPool:
                      identity_held=self.identity is None or self.identity.holds())
         await self.recorder.finish(release(claim, job.content.locale))
 
+    def _send_attributes(self, recipients: int) -> dict[str, str | int]:
+        """The CLIENT span's attributes: the peer as OpenTelemetry names it (server.address/port)."""
+        attributes: dict[str, str | int] = {"mail.recipients": recipients, "mail.provider": self.provider_name}
+        if self.provider_name == "smtp" and self.settings.smtp_host and self.settings.smtp_port:
+            attributes["server.address"] = self.settings.smtp_host
+            attributes["server.port"] = self.settings.smtp_port
+        return attributes
+
     async def _send(self, session: Session, envelope: Envelope, data: bytes, window: float | None = None) -> SendReport:
         timeout = self.settings.smtp_timeout
         bound = timeout if window is None else min(timeout, window)
         start = trio.current_time()
         span = telemetry.tracer.start_span(
-            "smtp send", attributes={"mail.recipients": len(envelope.recipients), "mail.provider": self.provider_name}
+            "smtp send", kind=SpanKind.CLIENT, attributes=self._send_attributes(len(envelope.recipients)),
         )
         try:
             with trio.move_on_after(bound) as scope:
@@ -877,10 +886,11 @@ def envelope_recipients(addressing: message.Addressing) -> dict[str, str]:
     out: dict[str, str] = {}
     seen: set[str] = set()
     for addr in (*addressing.to, *addressing.cc, *addressing.bcc):
-        key = addr.email.lower()
+        wire = message.wire_address(addr.email)
+        key = wire.lower()  # as Addressing.envelope_recipients: one RCPT per envelope address
         if key not in seen:
             seen.add(key)
-            out[addr.email] = message.wire_address(addr.email)
+            out[addr.email] = wire
     return out
 
 
@@ -894,10 +904,11 @@ def claim_recipients(claim: store.Claim) -> list[str]:
         for value in values if isinstance(values, list) else ():
             try:
                 email = message.Address.from_value(value).email
-            except message.ContentError:
+                key = message.wire_address(email).lower()
+            except (message.ContentError, ValueError):
                 continue
-            if email and email.lower() not in seen:
-                seen.add(email.lower())
+            if email and key not in seen:
+                seen.add(key)
                 out.append(email)
     return out
 

@@ -56,7 +56,7 @@ def redis_client() -> Iterator[redis.Redis]:
 def stream_key(redis_client: redis.Redis) -> Iterator[str]:
     key = f"mt:test:{uuid.uuid4().hex}"
     yield key
-    redis_client.delete(key)
+    redis_client.delete(key, f"{key}:events")
 
 
 @pytest.fixture
@@ -65,6 +65,8 @@ def service_env(database: str, stream_key: str) -> dict[str, str]:
     return base_env(
         MAIL_REDIS_MASTER_ADDR=REDIS_ADDR,
         MAIL_REDIS_COMMAND_STREAM=stream_key,
+        # the outcome events of this test's service, beside its commands (deleted with them)
+        MAIL_REDIS_EVENT_STREAM=f"{stream_key}:events",
         MAIL_REDIS_CONSUMER_GROUP="mailservice",
         MAIL_POSTGRES_PRIMARY_DSN=database,
         MAIL_POSTGRES_POOL_SIZE="4",

@@ -59,10 +59,14 @@ def create_app(settings: Settings, db: Database) -> QuartTrio:
         if console.owns(request.path):
             return await console.guard()  # the console's own session; never opens the JSON routes
         if token is not None:
-            header = request.headers.get("Authorization", "")
-            supplied = header[7:].encode() if header.startswith("Bearer ") else b""
+            # RFC 9110 §11.1: the scheme is case-insensitive; RFC 6750 §3: a 401 names it.
+            scheme, _, credentials = request.headers.get("Authorization", "").strip().partition(" ")
+            supplied = credentials.strip().encode() if scheme.lower() == "bearer" else b""
             if not hmac.compare_digest(supplied, token):
-                return _json_error(ApiError("unauthorized", "missing or invalid bearer token"))
+                resp = _json_error(ApiError("unauthorized", "missing or invalid bearer token"))
+                resp.headers["WWW-Authenticate"] = (
+                    'Bearer realm="mailtrio", error="invalid_token"' if supplied else 'Bearer realm="mailtrio"')
+                return resp
         return None
 
     @app.after_request

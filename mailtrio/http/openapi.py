@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailtrio import __version__, retry
+from mailtrio import __version__, enums, retry
 from mailtrio.http import params
 from mailtrio.http.errors import STATUS_BY_CODE
-from mailtrio.store import api as store_api
 
 _REF = "#/components/"
 
@@ -56,7 +55,7 @@ def _schemas() -> dict[str, Any]:
     recipients = _obj({part: {"type": "array", "items": _ref("schemas", "Recipient")} for part in ("to", "cc", "bcc")})
     attempt = _obj({
         "attempt_no": {"type": "integer", "minimum": 1},
-        "status": {"type": "string", "enum": list(store_api.ATTEMPT_STATUSES)},
+        "status": {"type": "string", "enum": list(enums.ATTEMPT_STATUSES)},
         "started_at": _TIME,
         "finished_at": _TIME,
         "duration_ms": _COUNT,
@@ -65,10 +64,10 @@ def _schemas() -> dict[str, Any]:
     })
     delivery = _obj({
         "delivery_id": _DELIVERY_ID,
-        "source": {"type": "string", "enum": list(store_api.SOURCES)},
-        "status": {"type": "string", "enum": list(store_api.DELIVERY_STATUSES)},
+        "source": {"type": "string", "enum": list(enums.SOURCES)},
+        "status": {"type": "string", "enum": list(enums.DELIVERY_STATUSES)},
         "status_reason": _nullable(_STR),
-        "payload_mode": {"type": "string", "enum": list(store_api.PAYLOAD_MODES)},
+        "payload_mode": {"type": "string", "enum": list(enums.PAYLOAD_MODES)},
         "template_id": _nullable(_STR),
         "locale": _STR,
         "resolved_locale": _nullable(_STR),
@@ -114,8 +113,8 @@ def _schemas() -> dict[str, Any]:
         "delivery_id": _DELIVERY_ID,
         "reason": _STR,
         "created_at": _TIME,
-        "source": {"type": "string", "enum": list(store_api.SOURCES)},
-        "status": {"type": "string", "enum": list(store_api.DELIVERY_STATUSES)},
+        "source": {"type": "string", "enum": list(enums.SOURCES)},
+        "status": {"type": "string", "enum": list(enums.DELIVERY_STATUSES)},
         "template_id": _nullable(_STR),
         "recipients": _ref("schemas", "Recipients"),
         "attempt_count": _COUNT,
@@ -124,13 +123,13 @@ def _schemas() -> dict[str, Any]:
     })
     last_attempt = _obj({
         "attempt_no": {"type": "integer", "minimum": 1},
-        "status": {"type": "string", "enum": list(store_api.ATTEMPT_STATUSES)},
+        "status": {"type": "string", "enum": list(enums.ATTEMPT_STATUSES)},
         "provider_summary": _nullable(_STR),
         "finished_at": _TIME,
     })
     malformed = _obj({
         "id": {"type": "integer", "minimum": 1},
-        "failure_code": {"type": "string", "enum": list(store_api.FAILURE_CODES)},
+        "failure_code": {"type": "string", "enum": list(enums.FAILURE_CODES)},
         "failure_detail": _STR,
         "stream_entry_id": _STR,
         "delivery_id": _nullable(_STR),
@@ -138,7 +137,7 @@ def _schemas() -> dict[str, Any]:
         "fields": {"type": "object", "description": "the raw stream entry, field to value"},
         "received_at": _TIME,
     })
-    by_status = _obj({status: _COUNT for status in store_api.DELIVERY_STATUSES})
+    by_status = _obj({status: _COUNT for status in enums.DELIVERY_STATUSES})
     schedule = _obj({
         "depth": {**_COUNT, "description": "deliveries in queued or rendered, due or not"},
         "oldest_age_ms": {**_COUNT, "description": "now minus the earliest moment a waiting delivery "
@@ -175,6 +174,13 @@ def _schemas() -> dict[str, Any]:
         "MalformedCommand": malformed,
         "MalformedCommandPage": page("MalformedCommand"),
         "Schedule": schedule,
+        "EventOutbox": _obj({
+            "depth": {**_COUNT, "description": "delivery events written but not yet published to the "
+                                               "event stream"},
+            "oldest_age_ms": {**_COUNT, "description": "age of the oldest unpublished event (0 when none)"},
+            "publisher": {**_nullable(_STR), "description": "MAIL_INSTANCE_ID of the instance publishing "
+                                                             "now; null when none holds the publisher lock"},
+        }),
     }
 
 
@@ -189,16 +195,16 @@ def _parameters() -> dict[str, Any]:
         "Cursor": query("cursor", {"type": "string", "minLength": 1, "maxLength": params.MAX_CURSOR_LENGTH,
                                    "pattern": "^[A-Za-z0-9_-]+$"},
                         "opaque: the `next_cursor` of the previous page of the same listing"),
-        "Status": query("status", {"type": "string", "enum": list(store_api.DELIVERY_STATUSES)},
+        "Status": query("status", {"type": "string", "enum": list(enums.DELIVERY_STATUSES)},
                         "only deliveries in this status"),
-        "Source": query("source", {"type": "string", "enum": list(store_api.SOURCES)},
+        "Source": query("source", {"type": "string", "enum": list(enums.SOURCES)},
                         "only deliveries of this source"),
         "Recipient": query("recipient", {"type": "string", "minLength": 1,
                                          "maxLength": params.MAX_RECIPIENT_LENGTH,
                                          "pattern": "^[^\\x00-\\x1f\\x7f]+$"},
                            "only deliveries with this address in to, cc or bcc (case-insensitive); "
                            "each item's `recipient_outcomes` tells what became of it"),
-        "FailureCode": query("failure_code", {"type": "string", "enum": list(store_api.FAILURE_CODES)},
+        "FailureCode": query("failure_code", {"type": "string", "enum": list(enums.FAILURE_CODES)},
                              "only malformed commands with this failure code"),
     }
 
@@ -210,7 +216,9 @@ def _responses() -> dict[str, Any]:
 
     return {
         "InvalidArgument": error("invalid_argument: a parameter is malformed"),
-        "Unauthorized": error("unauthorized: missing or wrong bearer token"),
+        "Unauthorized": {**error("unauthorized: missing or wrong bearer token"), "headers": {
+            "WWW-Authenticate": {"description": 'the challenge: Bearer realm="mailtrio" (with error="invalid_token" '
+                                 "when a wrong token was sent)", "schema": {"type": "string"}}}},
         "NotFound": error("not_found: no such delivery"),
         "Conflict": error("conflict: the delivery's status does not allow this"),
         "Internal": error("internal: the service could not answer (e.g. the database is unreachable)"),
@@ -288,6 +296,11 @@ def document(prefix: str, *, bearer: bool) -> dict[str, Any]:
             "operationId": "getSchedule",
             "summary": "The attempt schedule: depth, age of the oldest waiting delivery, counts by status",
             "responses": {**_ok(200, "Schedule", "the schedule summary"), **_errors()},
+        }},
+        "/events/outbox": {"get": {
+            "operationId": "getEventOutbox",
+            "summary": "The outbox of delivery events: unpublished depth, oldest age, the publishing instance",
+            "responses": {**_ok(200, "EventOutbox", "the outbox summary"), **_errors()},
         }},
         "/openapi.json": {"get": {
             "operationId": "getOpenApi",

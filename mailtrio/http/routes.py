@@ -13,11 +13,13 @@ import trio
 from quart import Response, current_app, jsonify, request
 from quart_trio import QuartTrio
 
+from mailtrio import enums
 from mailtrio.http import openapi, params
 from mailtrio.http.app import db_of
 from mailtrio.http.errors import ApiError
 from mailtrio.store import Database
 from mailtrio.store import api as store_api
+from mailtrio.store import events as store_events
 
 T = TypeVar("T")
 
@@ -68,8 +70,8 @@ def register(app: QuartTrio, prefix: str) -> None:
     async def list_deliveries() -> Response:
         args = request.args
         flt = store_api.DeliveryFilter(
-            status=params.one_of(args, "status", store_api.DELIVERY_STATUSES),
-            source=params.one_of(args, "source", store_api.SOURCES),
+            status=params.one_of(args, "status", enums.DELIVERY_STATUSES),
+            source=params.one_of(args, "source", enums.SOURCES),
             recipient=params.recipient(args),
         )
         limit = params.limit(args)
@@ -109,7 +111,7 @@ def register(app: QuartTrio, prefix: str) -> None:
     @app.get(f"{prefix}/malformed-commands")
     async def list_malformed() -> Response:
         args = request.args
-        code = params.one_of(args, "failure_code", store_api.FAILURE_CODES)
+        code = params.one_of(args, "failure_code", enums.FAILURE_CODES)
         limit = params.limit(args)
         after = params.decode_id_key(args, "m")
         items, last = await _bounded(
@@ -120,6 +122,12 @@ def register(app: QuartTrio, prefix: str) -> None:
     @app.get(f"{prefix}/schedule")
     async def schedule() -> Response:
         return _json(await _bounded(lambda: store_api.schedule_summary(_db())))
+
+    @app.get(f"{prefix}/events/outbox")
+    async def events_outbox() -> Response:
+        summary = await _bounded(lambda: store_events.outbox_summary(_db()))
+        return _json({"depth": summary.depth, "oldest_age_ms": summary.oldest_age_ms,
+                      "publisher": summary.publisher})
 
     document = openapi.document(prefix, bearer=bool(app.extensions["mailtrio.settings"].http_token))
 

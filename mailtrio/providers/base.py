@@ -22,17 +22,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from mailtrio.enums import AttemptStatus
 
-class AttemptStatus(StrEnum):
-    """Attempt statuses of CONTRACT §5 (the CHECK constraint on mail.attempts.status)."""
-
-    PROVIDER_ACCEPTED = "provider_accepted"
-    PROVIDER_REJECTED = "provider_rejected"
-    PROVIDER_DEFERRED = "provider_deferred"
-    TRANSPORT_FAILED = "transport_failed"
-    TIMED_OUT = "timed_out"
-    SUPPRESSED = "suppressed"
-    INTERRUPTED = "interrupted"
+__all__ = ["AttemptStatus"]  # re-exported: providers report the contract's attempt statuses
 
 
 class Phase(StrEnum):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from mailtrio.enums import Source
 from mailtrio.providers.base import AttemptStatus, Envelope, Phase, SendReport
 
 STUB_SUMMARY = "stub"
@@ -14,7 +15,7 @@ STUB_SUPPRESSED_SUMMARY = "stub: authsession deliveries are suppressed in stub m
 
 class StubSession:
     async def send(self, envelope: Envelope, message: bytes) -> SendReport:
-        if envelope.source == "authsession":
+        if envelope.source == Source.AUTHSESSION:
             return SendReport(
                 AttemptStatus.SUPPRESSED, STUB_SUPPRESSED_SUMMARY, Phase.STUB, suppressed=True
             )

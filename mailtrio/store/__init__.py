@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -29,6 +32,7 @@ from psycopg_pool.base import AttemptWithBackoff
 
 from mailtrio import bridge
 from mailtrio.store import migrations
+from mailtrio.store.migrations import Migration
 from mailtrio.store.queries import q
 
 T = TypeVar("T")
@@ -197,9 +201,10 @@ class Database:
         return await self.run(_tx)
 
     # -- migrations ----------------------------------------------------------------------------
-    async def migrate(self, *, within: float = 60.0) -> list[int]:
-        """Apply pending embedded migrations under goose's advisory lock; return applied versions."""
-        pending = migrations.load()
+    async def migrate(self, *, within: float = 60.0, directory: Path | None = None) -> list[int]:
+        """Apply pending migrations (the embedded ones unless `directory` is given) under the
+        advisory lock; return the applied versions."""
+        pending = migrations.load(directory)
         conn = await self.connect_direct()
         try:
 
@@ -214,12 +219,15 @@ class Database:
                     for mig in pending:
                         if mig.version in applied:
                             continue
+                        # One statement at a time, as goose runs them (see migrations.split).
                         if mig.use_transaction:
                             async with conn.transaction():
-                                await conn.execute(mig.up.encode())
+                                for statement in mig.up_statements:
+                                    await conn.execute(statement.encode())
                                 await conn.execute(q("goose_record"), {"version": mig.version})
                         else:
-                            await conn.execute(mig.up.encode())
+                            for statement in mig.up_statements:
+                                await conn.execute(statement.encode())
                             await conn.execute(q("goose_record"), {"version": mig.version})
                         done.append(mig.version)
                     return done
@@ -245,6 +253,63 @@ async def close_quietly(conn: Conn) -> None:
             await bridge.call(conn.close)
         except Exception:
             pass
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """goose's view of the database: embedded migrations with when each was applied (None: pending),
+    and versions recorded as applied that this build does not embed (a newer release's)."""
+
+    entries: list[tuple[Migration, datetime | None]]
+    unknown_applied: list[int]
+
+    @property
+    def pending(self) -> list[Migration]:
+        return [mig for mig, applied_at in self.entries if applied_at is None]
+
+
+async def migration_status(dsn: str, *, within: float = 10.0) -> MigrationStatus:
+    """Read which embedded migrations are applied, without changing anything (no lock taken,
+    `mail.goose_db_version` not created). Raises StartupError with one line on failure."""
+    embedded = migrations.load()
+    db = Database(dsn, 2)
+    try:
+        conn = await db.connect_direct(within=min(within, 5.0))
+    except (psycopg.Error, OSError, trio.TooSlowError) as exc:
+        raise StartupError(f"cannot connect to PostgreSQL: {_one_line(exc)}") from exc
+    try:
+
+        async def _read() -> tuple[bool, bool, dict[int, datetime]]:
+            cur = await conn.execute(q("schema_exists"))
+            row = await cur.fetchone()
+            if not (row and row["present"]):
+                return False, False, {}
+            cur = await conn.execute(q("goose_table_exists"))
+            row = await cur.fetchone()
+            if not (row and row["present"]):
+                return True, False, {}
+            cur = await conn.execute(q("goose_status"))
+            return True, True, {int(r["version_id"]): r["tstamp"] for r in await cur.fetchall()}
+
+        with trio.fail_after(within):
+            schema, _, applied = await bridge.call(_read)
+    except psycopg.Error as exc:
+        raise StartupError(f"reading mail.goose_db_version failed: {_one_line(exc)}") from exc
+    except trio.TooSlowError as exc:
+        raise StartupError(f"PostgreSQL did not answer within {within:.0f}s") from exc
+    finally:
+        with trio.CancelScope(shield=True):
+            await bridge.call(conn.close)
+    if not schema:
+        raise StartupError(
+            "PostgreSQL schema 'mail' does not exist: it is provisioned externally for the "
+            "service role (CREATE SCHEMA mail AUTHORIZATION mailservice)"
+        )
+    known = {mig.version for mig in embedded}
+    return MigrationStatus(
+        [(mig, applied.get(mig.version)) for mig in embedded],
+        sorted(v for v in applied if v not in known),
+    )
 
 
 def _one_line(exc: BaseException) -> str:

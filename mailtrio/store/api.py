@@ -12,20 +12,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from mailtrio.enums import (
+    ATTEMPT_STATUSES,
+    DELIVERY_STATUSES,
+    FAILURE_CODES,
+    PAYLOAD_MODES,
+    SOURCES,
+    WAITING_STATUSES,
+)
 from mailtrio.store import Conn, Database
 from mailtrio.store.queries import q
 
 DeliveryKey = tuple[datetime, str]
 
-# The enumerations of the schema's CHECK constraints (CONTRACT §4, §5), in contract order.
-DELIVERY_STATUSES = ("queued", "rendered", "sending", "sent", "suppressed", "failed", "dead_letter", "cancelled")
-ATTEMPT_STATUSES = ("provider_accepted", "provider_rejected", "provider_deferred", "transport_failed",
-                    "timed_out", "suppressed", "interrupted")
-SOURCES = ("authsession", "notification")
-PAYLOAD_MODES = ("template", "rendered")
-FAILURE_CODES = ("invalid_json", "missing_field", "invalid_field", "invalid_locale", "invalid_recipient",
-                 "unknown_template", "unsafe_header", "payload_too_large", "idempotency_conflict",
-                 "stale_command")
+# The enumerations of the schema's CHECK constraints (CONTRACT §4, §5) live in mailtrio.enums;
+# re-exported here for the store's callers.
+__all__ = ["ATTEMPT_STATUSES", "DELIVERY_STATUSES", "FAILURE_CODES", "PAYLOAD_MODES", "SOURCES"]
 
 
 def rfc3339(value: datetime | None) -> str | None:
@@ -337,7 +339,7 @@ async def schedule_summary(db: Database) -> dict[str, Any]:
         counts = row["by_status"] or {}
         by_status = {status: int(counts.get(status, 0)) for status in DELIVERY_STATUSES}
         return {
-            "depth": by_status["queued"] + by_status["rendered"],
+            "depth": sum(by_status[status] for status in WAITING_STATUSES),
             "oldest_age_ms": int(row["oldest_age_ms"]),
             "by_status": by_status,
         }

@@ -11,12 +11,14 @@ from mailtrio.store.queries import q
 # one instance deletes at a time.
 RETENTION_LOCK_ID = 0x6D61696C74726574
 
-Kind = Literal["deliveries", "malformed_commands", "idempotency_reservations"]
+Kind = Literal["deliveries", "malformed_commands", "idempotency_reservations", "delivery_events"]
 
 _QUERIES: dict[Kind, str] = {
     "deliveries": "retention_delete_deliveries",
     "malformed_commands": "retention_delete_malformed",
     "idempotency_reservations": "retention_delete_reservations",
+    # published outbox rows (their period is MAIL_EVENT_OUTBOX_RETENTION)
+    "delivery_events": "retention_delete_published_events",
 }
 
 

@@ -113,6 +113,7 @@ class Bench:
         env = harness.serve_env(
             MAIL_REDIS_MASTER_ADDR=self.redis_addr,
             MAIL_REDIS_COMMAND_STREAM=key,
+            MAIL_REDIS_EVENT_STREAM=f"{key}:events",
             MAIL_REDIS_CONSUMER_GROUP="mailservice",
             MAIL_POSTGRES_PRIMARY_DSN=dsn,
             MAIL_SMTP_MODE="smtp",
@@ -134,7 +135,7 @@ class Bench:
     def scenario(self, name: str, **extra_env: str) -> Iterator[tuple[str, str, Serve]]:
         """A fresh database and stream key and a (not yet started) serve process for them."""
         key = f"mt:bench:{self.run_id}:{name}"
-        self.redis.delete(key)
+        self.redis.delete(key, f"{key}:events")
         with harness.fresh_database(self.args.admin_dsn) as dsn:
             serve = Serve(self.procs, self.env(dsn, key, name, **extra_env), self.workdir, name=f"serve-{name}")
             try:
@@ -142,7 +143,7 @@ class Bench:
             finally:
                 with contextlib.suppress(Exception):
                     serve.stop()
-                self.redis.delete(key)
+                self.redis.delete(key, f"{key}:events")
 
     def start(self, serve: Serve, name: str) -> subprocess.Popen[bytes] | None:
         serve.start(ready_timeout=60)

@@ -31,3 +31,10 @@ SELECT pg_advisory_lock(%(lock_id)s);
 
 -- name: advisory_unlock
 SELECT pg_advisory_unlock(%(lock_id)s);
+
+-- name: goose_status
+-- goose's view: the latest row per version decides; tstamp is when that row was written.
+SELECT version_id, tstamp FROM (
+    SELECT DISTINCT ON (version_id) version_id, is_applied, tstamp
+    FROM mail.goose_db_version ORDER BY version_id, id DESC
+) v WHERE is_applied AND version_id > 0 ORDER BY version_id;

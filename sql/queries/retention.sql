@@ -42,3 +42,15 @@ WHERE (source, idempotency_key) IN (
     LIMIT %(batch)s
     FOR UPDATE OF r SKIP LOCKED
 );
+
+-- name: retention_delete_published_events
+-- Outbox rows published longer ago than MAIL_EVENT_OUTBOX_RETENTION, oldest first, through
+-- delivery_events_published_at_idx. Unpublished rows are never deleted.
+DELETE FROM mail.delivery_events
+WHERE seq IN (
+    SELECT seq FROM mail.delivery_events
+    WHERE published_at < now() - make_interval(secs => %(period_s)s)
+    ORDER BY published_at
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+);

@@ -12,6 +12,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from mailtrio import bridge
 from mailtrio.catalog import Catalog
@@ -121,6 +122,10 @@ async def test_traces_and_metrics_of_every_outcome(
     assert [format(link.context.span_id, "016x") for link in ok_attempt.links] == [PRODUCER_SPAN]
     children = [s for s in spans if s.parent is not None and s.parent.span_id == ok_attempt.context.span_id]
     assert sorted(s.name for s in children) == ["render", "smtp send"]
+    [send_span] = [s for s in children if s.name == "smtp send"]
+    host, port = server.addr.rsplit(":", 1)
+    assert send_span.kind == SpanKind.CLIENT
+    assert (send_span.attributes["server.address"], send_span.attributes["server.port"]) == (host, int(port))
     assert ok_attempt.attributes["mail.attempt_status"] == "provider_accepted"
     [broken] = by_delivery["broken"]
     assert broken.status.status_code.name == "ERROR"

@@ -202,7 +202,7 @@ def test_scrub_removes_every_form_of_the_password() -> None:
 
 
 async def test_ehlo_says_the_configured_helo_name(smtp_factory: Callable[..., SmtpTestServer]) -> None:
-    server = smtp_factory()
+    server = smtp_factory(record_ehlo=True)
     session = provider(server, MAIL_SMTP_HELO_NAME="mta1.mailtrio.example").session()
     assert (await session.send(envelope("ok@example.com"), MSG)).status == AttemptStatus.PROVIDER_ACCEPTED
     await session.close()

@@ -241,6 +241,8 @@ RULES: list[tuple[dict[str, str], str]] = [
     ({"MAIL_SMTP_TIMEOUT": "30"}, "MAIL_SMTP_TIMEOUT"),
     ({"MAIL_SMTP_TIMEOUT": "-1s"}, "MAIL_SMTP_TIMEOUT"),
     ({"MAIL_INTERNAL_HTTP_ADDR": "8080"}, "MAIL_INTERNAL_HTTP_ADDR"),
+    ({"MAIL_INTERNAL_HTTP_ADDR": "0.0.0.0:8080"}, "MAIL_INTERNAL_HTTP_TOKEN"),
+    ({"MAIL_INTERNAL_HTTP_PROTECTED_MODE": "off"}, "MAIL_INTERNAL_HTTP_PROTECTED_MODE"),
     ({"MAIL_CONSOLE_SESSION_TTL": "12"}, "MAIL_CONSOLE_SESSION_TTL"),
     ({"MAIL_CONSOLE_SESSION_TTL": "500ms"}, "MAIL_CONSOLE_SESSION_TTL"),
     ({"MAIL_SHUTDOWN_TIMEOUT": "soon"}, "MAIL_SHUTDOWN_TIMEOUT"),
@@ -258,6 +260,13 @@ RULES: list[tuple[dict[str, str], str]] = [
     ({"MAIL_RETENTION_INTERVAL": "hourly"}, "MAIL_RETENTION_INTERVAL"),
     ({"MAIL_LOG_FORMAT": "xml"}, "MAIL_LOG_FORMAT"),
     ({"MAIL_LOG_LEVEL": "loud"}, "MAIL_LOG_LEVEL"),
+    ({"MAIL_REDIS_EVENT_STREAM": "my events"}, "MAIL_REDIS_EVENT_STREAM"),
+    ({"MAIL_REDIS_EVENT_STREAM": "mail:delivery_commands"}, "MAIL_REDIS_EVENT_STREAM"),
+    ({"MAIL_REDIS_EVENT_STREAM_MAXLEN": "-1"}, "MAIL_REDIS_EVENT_STREAM_MAXLEN"),
+    ({"MAIL_REDIS_EVENT_STREAM_MAX_AGE": "7d"}, "MAIL_REDIS_EVENT_STREAM_MAX_AGE"),
+    ({"MAIL_REDIS_EVENT_STREAM_MAX_AGE": "-1h"}, "MAIL_REDIS_EVENT_STREAM_MAX_AGE"),
+    ({"MAIL_EVENTS_PUBLISHER": "maybe"}, "MAIL_EVENTS_PUBLISHER"),
+    ({"MAIL_EVENT_OUTBOX_RETENTION": "0"}, "MAIL_EVENT_OUTBOX_RETENTION"),
 ]
 
 
@@ -302,7 +311,11 @@ def test_variables_table_lists_every_contract_variable() -> None:
         "MAIL_RETENTION_INTERVAL", "MAIL_LOG_FORMAT", "MAIL_LOG_LEVEL",
     }
     # variables beyond the contract, each documented in the README
-    extensions = {"MAIL_CONSOLE_SESSION_TTL", "MAIL_MAX_INTERRUPTED", "MAIL_SMTP_HELO_NAME"}
+    extensions = {"MAIL_CONSOLE_SESSION_TTL", "MAIL_INTERNAL_HTTP_PROTECTED_MODE", "MAIL_MAX_INTERRUPTED",
+                  "MAIL_SMTP_HELO_NAME",
+                  # outcome events
+                  "MAIL_REDIS_EVENT_STREAM", "MAIL_REDIS_EVENT_STREAM_MAXLEN", "MAIL_REDIS_EVENT_STREAM_MAX_AGE",
+                  "MAIL_EVENTS_PUBLISHER", "MAIL_EVENT_OUTBOX_RETENTION"}
     assert set(VARIABLES) == contract | extensions
     required = {n for n, (req, _, _) in VARIABLES.items() if req}
     assert required == {"MAIL_REDIS_MASTER_ADDR", "MAIL_POSTGRES_PRIMARY_DSN", "MAIL_TEMPLATE_DIR", "MAIL_SMTP_MODE"}

@@ -74,7 +74,7 @@ def test_unit_stops_with_sigterm_above_the_shutdown_timeout() -> None:
     assert stop > parse_duration(VARIABLES["MAIL_SHUTDOWN_TIMEOUT"][1]) + 5
     assert service["Restart"] == "on-failure"
     assert service["RestartPreventExitStatus"] == str(EXIT_CONFIG)
-    assert service["Type"] == "exec"
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
     assert service["EnvironmentFile"].endswith("mailtrio.env")
     assert service["User"] == "mailservice"
     assert "PEX_ROOT=" in service["Environment"] and service["CacheDirectory"] == "mailtrio"

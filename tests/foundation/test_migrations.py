@@ -3,6 +3,8 @@ instances migrating one fresh database at the same moment (CONTRACT §3, §9).""
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from pathlib import Path
 
@@ -76,6 +78,120 @@ def test_goose_annotations_are_parsed() -> None:
     assert tx is False
     with pytest.raises(ValueError):
         migrations.parse("CREATE TABLE t (a int);\n")
+
+
+def test_statements_are_split_as_goose_splits_them() -> None:
+    parsed = migrations.split(
+        "-- +goose NO TRANSACTION\n"
+        "-- +goose Up\n"
+        "-- a comment between statements\n"
+        "CREATE INDEX CONCURRENTLY a_idx ON t (a);\n"
+        "\n"
+        "CREATE INDEX CONCURRENTLY b_idx\n"
+        "    ON t (b); -- trailing comment\n"
+        "-- +goose StatementBegin\n"
+        "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$\n"
+        "BEGIN\n"
+        "    RETURN 1;\n"
+        "END;\n"
+        "$$;\n"
+        "-- +goose StatementEnd\n"
+        "-- +goose Down\n"
+        "DROP FUNCTION f(); DROP INDEX b_idx;\n"
+        "DROP INDEX a_idx;\n"
+    )
+    assert parsed.use_transaction is False
+    assert parsed.up == (
+        "CREATE INDEX CONCURRENTLY a_idx ON t (a);",
+        "CREATE INDEX CONCURRENTLY b_idx\n    ON t (b); -- trailing comment",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$\nBEGIN\n    RETURN 1;\nEND;\n$$;",
+    )
+    # one line holding two statements stays one (goose splits at line ends only)
+    assert parsed.down == ("DROP FUNCTION f(); DROP INDEX b_idx;", "DROP INDEX a_idx;")
+
+
+@pytest.mark.parametrize("text", [
+    "-- +goose Up\nCREATE TABLE t (a int)\n",  # unterminated
+    "-- +goose Up\n-- +goose StatementBegin\nSELECT 1;\n",  # StatementBegin never ended
+    "-- +goose Up\n-- +goose StatementEnd\n",  # StatementEnd without StatementBegin
+    "-- +goose Up\n-- +goose Sideways\nSELECT 1;\n",  # unknown annotation
+])
+def test_files_goose_would_refuse_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        migrations.split(text)
+
+
+def test_embedded_migrations_split_into_statements() -> None:
+    for mig in migrations.load():
+        assert mig.up_statements and all(s.rstrip().endswith(";") for s in mig.up_statements), mig.filename
+        assert mig.filename.startswith(f"{mig.version:05d}_")
+
+
+async def test_no_transaction_migration_with_two_concurrent_indexes(empty_database: str, tmp_path: Path) -> None:
+    """PostgreSQL refuses CREATE INDEX CONCURRENTLY in a transaction block and in a multi-statement
+    query string: each statement of a NO TRANSACTION migration runs on its own, as goose runs it."""
+    from mailtrio import bridge
+    from mailtrio.store import Database
+
+    (tmp_path / "00001_table.sql").write_text(
+        "-- +goose Up\nCREATE TABLE mail.t (a int, b int);\nINSERT INTO mail.t VALUES (1, 2);\n"
+        "-- +goose Down\nDROP TABLE mail.t;\n")
+    (tmp_path / "00002_indexes.sql").write_text(
+        "-- +goose NO TRANSACTION\n-- +goose Up\n"
+        "CREATE INDEX CONCURRENTLY t_a_idx ON mail.t (a);\n"
+        "CREATE INDEX CONCURRENTLY t_b_idx ON mail.t (b);\n"
+        "-- +goose Down\nDROP INDEX CONCURRENTLY mail.t_b_idx;\nDROP INDEX CONCURRENTLY mail.t_a_idx;\n")
+    async with bridge.open_loop():
+        db = Database(empty_database, 2)
+        await db.open()
+        try:
+            assert await db.migrate(directory=tmp_path) == [1, 2]
+            assert await db.migrate(directory=tmp_path) == []
+        finally:
+            await db.close()
+    with psycopg.connect(empty_database) as conn:
+        indexes = conn.execute(
+            "SELECT i.relname, x.indisvalid FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+            "JOIN pg_class t ON t.oid = x.indrelid WHERE t.relname = 't' ORDER BY 1").fetchall()
+    assert indexes == [("t_a_idx", True), ("t_b_idx", True)]
+    assert goose_rows(empty_database) == [(0, True), (1, True), (2, True)]
+
+
+def test_migrate_status_before_and_after_migrate(empty_database: str) -> None:
+    env = base_env(MAIL_POSTGRES_PRIMARY_DSN=empty_database)
+    files = [m.filename for m in migrations.load()]
+    before = run_cli(["migrate", "status"], env)
+    assert before.code == 0, before
+    lines = before.stdout.splitlines()
+    assert lines[:2] == ["    Applied At                  Migration", "    " + "=" * 39]
+    assert lines[2:] == [f"    {'Pending':<24} -- {name}" for name in files]
+    assert "goose_db_version" not in mail_tables(empty_database)  # status changes nothing
+
+    assert run_cli(["migrate"], env).code == 0
+    after = run_cli(["migrate", "status"], env)
+    assert after.code == 0, after
+    for line, name in zip(after.stdout.splitlines()[2:], files, strict=True):
+        assert re.fullmatch(rf"    \w{{3}} \w{{3}} [ \d]\d \d\d:\d\d:\d\d \d{{4}} -- {re.escape(name)}", line), line
+    status = json.loads(run_cli(["migrate", "status", "--json"], env).stdout)
+    assert status["pending"] == [] and [m["file"] for m in status["migrations"]] == files
+    assert all(m["applied_at"] for m in status["migrations"])
+
+    # a version goose rolled back is pending again; a version this build does not know is shown
+    last = migrations.load()[-1]
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute("INSERT INTO mail.goose_db_version (version_id, is_applied) VALUES (%s, false), (99999, true)",
+                     (last.version,))
+    status = json.loads(run_cli(["migrate", "status", "--json"], env).stdout)
+    assert status["pending"] == [last.version] and status["unknown_applied"] == [99999]
+
+
+def test_migrate_status_failures(schemaless_database: str) -> None:
+    assert run_cli(["migrate", "status"], base_env()).code == 2
+    no_schema = run_cli(["migrate", "status"], base_env(MAIL_POSTGRES_PRIMARY_DSN=schemaless_database))
+    assert no_schema.code == 1 and "schema 'mail' does not exist" in no_schema.stderr, no_schema
+    unreachable = run_cli(["migrate", "status"], base_env(MAIL_POSTGRES_PRIMARY_DSN=f"postgresql://u@{closed_addr()}/x"))
+    assert unreachable.code == 1 and len(unreachable.stderr_lines) == 1, unreachable
+    assert run_cli(["migrate", "sideways"], base_env()).code == 2
 
 
 def test_load_orders_by_version_and_rejects_duplicates(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ which the address is accepted (a flaky server).
 Server-wide options: `smtputf8` (offer SMTPUTF8, default true), `auth_oldstyle` (advertise
 `AUTH=PLAIN LOGIN`, the pre-RFC 2554 form, instead of `AUTH LOGIN PLAIN`), `mail421` (answer the
 first N MAIL commands with 421 and close), `data_without_rcpt` (answer DATA with 354 even when no
-recipient was accepted, and record whatever the client then sends as `empty_data`). Each EHLO is
-recorded with the name the client gave (`ehlo`). Every accepted message is appended to a JSON-lines
+recipient was accepted, and record whatever the client then sends as `empty_data`), `record_ehlo`
+(record each EHLO with the name the client gave, event `ehlo`). Every accepted message is appended to a JSON-lines
 file with its Message-ID, so tests can count what reached the server; dropped, stalled and refused
 transactions are recorded too, with their `event`.
 
@@ -79,6 +79,7 @@ class _Handler:
         self.implicit_tls = config.get("tls") == "tls"
         self.auth_oldstyle = bool(config.get("auth_oldstyle", False))
         self.mail421 = int(config.get("mail421", 0))
+        self.record_ehlo = bool(config.get("record_ehlo", False))
 
     def _rule_for(self, address: str) -> dict[str, Any] | None:
         for i, (pattern, rule) in enumerate(self.rules):
@@ -101,7 +102,8 @@ class _Handler:
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
-        self._write({"event": "ehlo", "hostname": hostname})
+        if self.record_ehlo:
+            self._write({"event": "ehlo", "hostname": hostname})
         if self.pipelining:
             # aiosmtpd reads commands one by one from its stream, so pipelined commands just work.
             responses.insert(-1, "250-PIPELINING")
@@ -374,7 +376,8 @@ class SmtpTestServer:
         out = []
         with self.record_path.open(encoding="utf-8") as fh:
             for line in fh:
-                if line.strip():
+                # a last line without its newline is still being written: not an event yet
+                if line.strip() and line.endswith("\n"):
                     out.append(json.loads(line))
         return out
 
