@@ -150,7 +150,7 @@ def test_sigterm_gives_buffered_jobs_back_at_once(
         deadline = time.monotonic() + 20
         # Every worker inside its transaction (it connects only once it holds a job), and the
         # buffer full behind them.
-        while (len([e for e in server.events() if e["event"] == "ehlo"]) < workers
+        while (len([e for e in server.events() if e["event"] == "connect"]) < workers
                or h.status_counts(dsn).get("sending", 0) < workers + ahead):
             assert time.monotonic() < deadline, h.status_counts(dsn)
             time.sleep(0.05)
