@@ -1,11 +1,21 @@
 """The scheduler: claims due deliveries and hands them to the attempt workers (CONTRACT §5).
 
-River's model: wait until workers are idle, claim at most that many due deliveries in one UPDATE
-over a `FOR UPDATE SKIP LOCKED` subselect (authsession before notification, through the partial
-indexes on `deliveries (next_attempt_at)`), render and store what is not rendered yet, and hand
-each to a worker over the unbuffered channel. A claim sets status `sending` and a lease (owner
-MAIL_INSTANCE_ID, expiry MAIL_SMTP_TIMEOUT + 15 s). A second claim may overlap the first, for at
-least half the pool, so that commits overlap without shrinking the batches.
+Claim ahead: claim due deliveries in one UPDATE over a `FOR UPDATE SKIP LOCKED` subselect
+(authsession before notification, through the partial indexes on `deliveries (next_attempt_at)`),
+render and store what is not rendered yet, and hand each to a worker over the unbuffered channel.
+A claim sets status `sending` and a lease (owner MAIL_INSTANCE_ID, expiry MAIL_SMTP_TIMEOUT +
+15 s). Claims are made not only for idle workers but also for a small buffer ahead of them
+(CLAIM_AHEAD_PER_WORKER jobs per worker): claimed, rendered jobs whose claim task waits in
+`send_channel.send` until a worker takes them, so a worker that finishes finds its next job
+waiting while the next claim and render overlap the sending. The buffer is bounded (at most
+`ahead` jobs held beyond the busy workers, claims in flight included), first in first out, and
+small: an authsession delivery claimed next waits behind at most about one attempt per worker.
+Every buffered job is under its lease, whose time in the buffer counts (the worker's send window
+is measured from before the claim): a job waits in the buffer only until its send window would
+fall below MIN_SEND_SECONDS, and is then given back unsent (so would the worker that took it).
+A claim for an idle worker with nothing buffered starts at once; further claims wait until at
+least a share of the window (half the pool) is free, so that under load claims stay large; a
+second claim may overlap the first so that commits overlap.
 
 When nothing more is due the loop sleeps until the first of: a NOTIFY on `mail_schedule` (intake
 commits, deliveries put back), the earliest future `next_attempt_at` (so scheduled sends and
@@ -22,8 +32,9 @@ dead-letters the delivery (`repeatedly interrupted`) instead of putting it back.
 While the identity lock is not known held (its connection broke), nothing is claimed. Each claim
 reads the local monotonic clock before its statement is sent: the lease ends, by that clock, at
 most MAIL_SMTP_TIMEOUT + 15 s later, never after the database's expiry (see workers). Cancelled
-(shutdown), the scheduler stops claiming, gives back any claim it had not handed over yet and
-closes the channel so the workers drain.
+(shutdown), the scheduler stops claiming, gives back at once every job still in the buffer (the
+claim tasks blocked in `send_channel.send` are cancelled: a job is either taken by a worker or
+given back, never both) and closes the channel so the workers drain.
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from mailtrio.backoff import Backoff
 from mailtrio.config import Settings
 from mailtrio.store import Conn, Database, close_quietly
 from mailtrio.store import engine as store
-from mailtrio.workers import Job, Prepared, WorkerPool, release
+from mailtrio.workers import LEASE_MARGIN, MIN_SEND_SECONDS, Job, Prepared, WorkerPool, release
 
 if TYPE_CHECKING:
     from mailtrio.identity import InstanceIdentity
@@ -53,6 +64,10 @@ MAX_CLAIM = 500
 # Claims in flight at once: each one's commit waits for a WAL flush; overlapping them lets one
 # flush serve several (PostgreSQL's group commit) while workers keep turning over.
 CONCURRENT_CLAIMS = 2
+# Claimed, rendered jobs held ahead of the workers, per worker: a finishing worker finds its next
+# job waiting. Small, so that an authsession delivery claimed behind the buffer waits about one
+# attempt at most.
+CLAIM_AHEAD_PER_WORKER = 1
 # Bound on one scheduler query.
 QUERY_TIMEOUT = 15.0
 # A claim is shielded from cancellation (so a claim that committed is never lost to a shutdown,
@@ -89,10 +104,13 @@ class Scheduler:
         self._wake = trio.Event()
         self._listening = False
         pool.on_retry_scheduled = self._retry_scheduled
-        # claim bookkeeping: idle workers promised to claims in flight, claims in flight
+        # claim bookkeeping: jobs that claims in flight may bring (their limits), claim statements
+        # in flight, claimed jobs not taken by a worker yet (the buffer)
+        self.ahead = CLAIM_AHEAD_PER_WORKER * pool.size
         self._capacity = trio.Event()
-        self._reserved = 0
+        self._claiming = 0
         self._inflight = 0
+        self.buffered = 0
         self._drained = False
         self._error = False
         self._claim_ok = False
@@ -127,6 +145,7 @@ class Scheduler:
                     "scheduler started",
                     instance_id=self.owner,
                     lease_s=self.settings.lease_seconds,
+                    claim_ahead=self.ahead,
                     poll_interval_s=POLL_INTERVAL,
                     listening=self._listening,
                 )
@@ -182,26 +201,39 @@ class Scheduler:
     def _capacity_changed(self) -> None:
         self._capacity.set()
 
-    async def _wait_capacity(self) -> int:
-        """Wait until idle workers without a claim on their way justify a claim.
+    def _idle(self) -> int:
+        """Workers waiting for a job now. The channel's own count: a worker handed a job leaves
+        it in the same step (the pool's idle count follows only when that worker runs again)."""
+        return self.send_channel.statistics().tasks_waiting_receive
 
-        With no claim in flight any idle worker does (lowest latency). Further claims overlap the
-        first one only for a fair share of the pool, so that under load claims stay large: every
-        claim costs a commit, and large claims keep that cost per delivery small.
+    def available(self) -> int:
+        """Jobs a claim may bring now: idle workers plus the buffer ahead of them, less what is
+        buffered already and what claims in flight may bring."""
+        return min(self._idle() + self.ahead - self.buffered - self._claiming, MAX_CLAIM)
+
+    async def _wait_capacity(self) -> int:
+        """Wait until free room in the window (idle workers and the buffer ahead of them)
+        justifies a claim.
+
+        A worker idle with nothing buffered or coming for it: claim at once (lowest latency).
+        Otherwise claim when at least a share of the pool is free, so that under load claims stay
+        large (every claim costs a commit; large claims keep that cost per delivery small), with
+        at most CONCURRENT_CLAIMS claim statements in flight.
         """
         share = max(1, self.pool.size // CONCURRENT_CLAIMS)
         while True:
-            available = min(self.pool.idle - self._reserved, MAX_CLAIM)
-            if available > 0 and (
-                self._inflight == 0 or (self._inflight < CONCURRENT_CLAIMS and available >= share)
-            ):
-                return available
+            available = self.available()
+            if available > 0 and self._inflight < CONCURRENT_CLAIMS:
+                starving = self._idle() > self.buffered + self._claiming
+                if starving or available >= share:
+                    return available
             await self._capacity.wait()
             self._capacity = trio.Event()
 
     async def _claim_loop(self) -> None:
-        """Start claims for idle workers, up to CONCURRENT_CLAIMS at once (their commits overlap);
-        when a claim comes back short, the schedule is drained: sleep until woken or due."""
+        """Start claims while the window has room, up to CONCURRENT_CLAIMS at once (their commits
+        overlap); when a claim comes back short, the schedule is drained: sleep until woken or
+        due."""
         backoff = Backoff(*ERROR_BACKOFF)
         async with trio.open_nursery() as nursery:
             while True:
@@ -229,39 +261,49 @@ class Scheduler:
                     continue
                 # Reset before claiming: a wake-up that arrives during the claim is kept.
                 self._wake = trio.Event()
-                self._reserved += available
+                self._claiming += available
                 self._inflight += 1
                 nursery.start_soon(self._claim_and_dispatch, available)
                 # Let the claim start before considering another one.
                 await trio.lowlevel.checkpoint()
 
     async def _claim_and_dispatch(self, limit: int) -> None:
-        reserved = limit
+        """One claim, then its jobs into the buffer: each waits in `send_channel.send` until a
+        worker takes it. Cancelled (shutdown), whatever no worker took is given back at once."""
         try:
-            jobs, short = await self._claim(limit)
+            try:
+                jobs, short = await self._claim(limit)
+            finally:
+                self._claiming -= limit
+                self._inflight -= 1
+                self._capacity.set()
             self._claim_ok = True
             if short:
                 self._drained = True
-            # Workers beyond the claimed rows are free for the next claim.
-            self._reserved -= limit - len(jobs)
-            reserved = len(jobs)
+            self.buffered += len(jobs)
             handed = 0
             try:
                 for job in jobs:
-                    await self.send_channel.send(job)
-                    handed += 1
-                    self._reserved -= 1
-                    reserved -= 1
+                    # A job waits in the buffer only while a worker could still send it (the
+                    # worker's own check gives it back past the same point).
+                    with trio.move_on_at(job.lease_end - LEASE_MARGIN - MIN_SEND_SECONDS):
+                        await self.send_channel.send(job)
+                        handed += 1
+                        self.buffered -= 1
+                        self._capacity.set()
+                        continue
+                    # The rest of this claim shares its lease: it ran short in the buffer.
+                    _log.warning("claims given back: the lease ran short in the buffer",
+                                 count=len(jobs) - handed, buffered_s=round(trio.current_time() - job.claimed_at, 3))
+                    break
             finally:
                 if handed < len(jobs):
+                    self.buffered -= len(jobs) - handed
+                    self._capacity.set()
                     await self._give_back(jobs[handed:])
         except Exception as exc:
             _log.warning("scheduler claim failed", error=_one_line(exc))
             self._error = True
-        finally:
-            self._reserved -= reserved
-            self._inflight -= 1
-            self._capacity.set()
 
     async def _dispatch(self, jobs: list[Job]) -> None:
         handed = 0
@@ -283,7 +325,7 @@ class Scheduler:
             try:
                 done = await self.pool.recorder.write_now(finishes)
                 self.released += len(done)
-                _log.info("claims given back", count=len(done))
+                _log.info("claims given back", count=len(done), delivery_ids=sorted(done)[:50])
             except Exception as exc:
                 _log.error("could not give claims back; their leases will expire",
                            count=len(jobs), error=_one_line(exc))
@@ -410,6 +452,7 @@ class Scheduler:
                 released=now[2] - last[2],
                 interval_s=ACTIVITY_LOG_INTERVAL,
                 idle_workers=self.pool.idle,
+                buffered=self.buffered,
                 listening=self._listening,
             )
             last = now

@@ -1,7 +1,10 @@
 """The attempt worker pool over a bounded memory channel (CONTRACT §5).
 
 MAIL_ATTEMPT_WORKER_CONCURRENCY workers receive claimed deliveries from the scheduler over an
-unbuffered channel; the scheduler claims only as many deliveries as there are idle workers.
+unbuffered channel; the scheduler claims for idle workers and for a small buffer ahead of them
+(about one job per worker, see mailtrio.scheduler), so a worker that finishes takes its next job
+at once. A job's lease runs from before its claim, so time spent in that buffer counts against
+its send window.
 
 Render once, before anything is sent: right after a claim (in the same unit of work, see
 store.claim_batch) the pool's `prepare_claims` renders every delivery not rendered yet (template

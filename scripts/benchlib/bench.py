@@ -1,12 +1,20 @@
 """mailtrio benchmark: intake, end to end against smtp-sink (with smtp-source beside it), latency
-under offered load, authsession fairness behind a notification backlog, and peak RSS.
+under offered load, authsession fairness behind a notification backlog, a real MTA (a private
+Postfix with STARTTLS and SASL AUTH, with a naive threaded smtplib sender beside it), and peak RSS.
 
 Each scenario runs one `mailtrio serve` process on a fresh database (schema `mail`, migrated by
 the service) and a fresh stream key, and sends SMTP (MAIL_SMTP_TLS=none) to one Postfix
 `smtp-sink` on a free loopback port. It prints one table and writes a JSON file.
 
-    scripts/bench [--quick] [--json FILE] [--scenarios intake,e2e,latency,fairness]
+    scripts/bench [--quick] [--json FILE] [--scenarios intake,e2e,latency,fairness,mta]
                   [--workers 16] [--profile DIR] [--peers]
+
+The mta scenario (not in the default list; needs root and Postfix, see benchlib.postfix) starts a
+private Postfix whose submission listener requires STARTTLS and SASL AUTH and whose `discard:`
+transport takes a sink domain; it preloads the stream and measures XADD -> every delivery `sent`
+(each outcome durable in PostgreSQL) at --workers connections, then a naive sender on the same
+listener: Python's smtplib in --workers threads, each reusing one STARTTLS+AUTH connection, the
+same number of messages of the same content. It prints both rates and their ratio.
 
 With --peers the end-to-end scenario also runs the peer benchmark of ../shared/peers
 (django-post_office's `send_queued_mail` against its own smtp-sink, after its setup.sh; it writes
@@ -29,20 +37,25 @@ import json
 import os
 import shutil
 import signal
+import smtplib
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import commands, harness
+from benchlib import commands, harness, postfix
 from benchlib.harness import HarnessError, Procs, Serve
 
 TARGETS = {
@@ -54,6 +67,7 @@ TARGETS = {
     "latency.200.p50_ms": "< 20",
     "latency.200.p99_ms": "< 100",
     "fairness.auth_p99_ms": "< 1000",
+    "mta.ratio_to_smtplib": ">= 0.9",
     "rss_mb": "< 250",
 }
 
@@ -68,12 +82,16 @@ class Sizes:
     auth_count: int
     auth_rate: float
     peer_messages: int
+    mta: int
 
 
 FULL = Sizes(intake=100_000, e2e=50_000, loads=(100, 200, 500, 1000), load_seconds=15.0,
-             backlog=100_000, auth_count=200, auth_rate=20.0, peer_messages=5_000)
+             backlog=100_000, auth_count=200, auth_rate=20.0, peer_messages=5_000, mta=2_000)
 QUICK = Sizes(intake=2_000, e2e=600, loads=(100, 500, 1000), load_seconds=0.3,
-              backlog=2_000, auth_count=10, auth_rate=40.0, peer_messages=300)
+              backlog=2_000, auth_count=10, auth_rate=40.0, peer_messages=300, mta=200)
+# The mta scenario's recipients: a domain that the private Postfix accepts and discards.
+MTA_SINK_DOMAIN = "sink.example.com"
+MTA_SENDER = "bench@example.com"
 
 
 class Bench:
@@ -320,6 +338,68 @@ class Bench:
         return {"post_office_msgs_per_s": res["msgs_per_s"], "post_office_messages": res["N"],
                 "post_office_line": res["line"]}
 
+    def mta(self) -> dict[str, Any]:
+        """XADD -> every delivery `sent` through a private Postfix's STARTTLS+AUTH submission
+        listener, then a naive threaded smtplib sender on the same listener."""
+        reason = postfix.unavailable()
+        if reason is not None:
+            raise HarnessError(f"mta scenario needs a private Postfix: {reason}")
+        n = self.sizes.mta
+        entries = [commands.command(f"mt{self.run_id}", i, domain=MTA_SINK_DOMAIN) for i in range(n)]
+        with postfix.PrivatePostfix(listeners=("submission",), discard_domains=(MTA_SINK_DOMAIN,)) as pf:
+            smtp_env = {
+                "MAIL_SMTP_ADDR": pf.addr("submission"), "MAIL_SMTP_TLS": "starttls",
+                "MAIL_SMTP_CA_FILE": str(pf.ca_file), "MAIL_SMTP_USERNAME": pf.login,
+                "MAIL_SMTP_PASSWORD": pf.sasl_password, "MAIL_SMTP_FROM": f"Bench <{MTA_SENDER}>",
+                "MAIL_SMTP_TIMEOUT": "20s",
+            }
+            # Warm-up: Postfix starts its smtpd processes on demand and keeps them for later
+            # connections; neither sender measured below pays for their start.
+            naive_smtplib(pf, messages=self.args.workers, threads=self.args.workers, subject="warm-up",
+                          text="warm-up", html=None, timeout=60.0)
+            with self.scenario("mta", **smtp_env) as (dsn, key, serve):
+                harness.preload(self.redis, key, entries)
+                spy = self.start(serve, "mta")
+                deadline = time.monotonic() + max(120.0, n / 20)
+                sent = terminal = 0
+                while time.monotonic() < deadline:
+                    if harness.table_exists(dsn, "deliveries"):
+                        row = harness.query_all(
+                            dsn, "SELECT count(*) FILTER (WHERE status = 'sent'), count(*) FILTER (WHERE status IN "
+                            "('sent','failed','suppressed','dead_letter','cancelled')) FROM mail.deliveries")[0]
+                        sent, terminal = int(row[0]), int(row[1])
+                        if terminal >= n:
+                            break
+                    time.sleep(0.2)
+                end = time.time()
+                t0 = self.t0(serve)
+                if terminal < n:
+                    raise HarnessError(f"only {terminal} of {n} deliveries reached a final status ({sent} sent); "
+                                       f"postfix log tail: {pf.log()[-1500:]}")
+                accepted_attempts = harness.query_one(
+                    dsn, "SELECT count(*) FROM mail.attempts WHERE status = 'provider_accepted'")
+                attempt_p50 = harness.query_one(
+                    dsn, "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) FROM mail.attempts")
+                sample = harness.query_all(
+                    dsn, "SELECT subject, text_body, html_body FROM mail.payloads WHERE rendered_at IS NOT NULL "
+                         "ORDER BY delivery_id LIMIT 1")
+                foot = self.finish(serve, spy, dsn)
+            rate = n / (end - t0)
+            subject, text, html = sample[0] if sample else ("Bench", "Hello.", None)
+            naive = naive_smtplib(pf, messages=n, threads=self.args.workers,
+                                  subject=str(subject), text=str(text or ""), html=None if html is None else str(html),
+                                  timeout=max(120.0, n / 20))
+        return {
+            "deliveries": n, "sent": sent, "attempts_accepted": accepted_attempts,
+            "seconds": round(end - t0, 3), "deliveries_per_s": round(rate, 1),
+            "attempt_p50_ms": None if attempt_p50 is None else round(float(attempt_p50), 1),
+            "connections": self.args.workers,
+            "smtplib_msgs_per_s": naive["msgs_per_s"], "smtplib_sent": naive["sent"],
+            "smtplib_errors": naive["errors"], "smtplib_threads": self.args.workers,
+            "ratio_to_smtplib": round(rate / naive["msgs_per_s"], 3) if naive["msgs_per_s"] else None,
+            **foot, **per_item(foot, n),
+        }
+
     def _paced(self, key: str, make: Callable[[int], dict[str, str]], count: int,
                rate: float) -> dict[str, int]:
         """XADD `count` entries, one at a time, at `rate` per second; returns delivery id -> entry ms."""
@@ -442,6 +522,63 @@ class Bench:
         self.redis.close()
 
 
+def naive_smtplib(pf: postfix.PrivatePostfix, *, messages: int, threads: int, subject: str, text: str,
+                  html: str | None, timeout: float) -> dict[str, Any]:
+    """The naive reference sender: `threads` threads, each with one smtplib connection to the
+    submission listener (STARTTLS, AUTH) reused for every message it sends; the messages are
+    taken from one shared counter. Timed from the first connection to the last reply."""
+    host, port = "127.0.0.1", pf.port("submission")
+    context = ssl.create_default_context(cafile=str(pf.ca_file))
+    lock = threading.Lock()
+    state = {"next": 0, "sent": 0}
+    errors: list[str] = []
+
+    def body(i: int) -> bytes:
+        msg = EmailMessage()
+        msg["From"] = f"Bench <{MTA_SENDER}>"
+        msg["To"] = f"naive{i}@{MTA_SINK_DOMAIN}"
+        msg["Subject"] = subject
+        msg["Date"] = formatdate(localtime=False)
+        msg["Message-ID"] = make_msgid(domain="example.com")
+        msg.set_content(text)
+        if html is not None:
+            msg.add_alternative(html, subtype="html")
+        return msg.as_bytes()
+
+    def run() -> None:
+        try:
+            with smtplib.SMTP(host, port, timeout=30) as smtp:
+                smtp.ehlo("bench.example.com")
+                smtp.starttls(context=context)
+                smtp.ehlo("bench.example.com")
+                smtp.login(pf.login, pf.sasl_password)
+                while True:
+                    with lock:
+                        i = state["next"]
+                        if i >= messages:
+                            return
+                        state["next"] = i + 1
+                    smtp.sendmail(MTA_SENDER, [f"naive{i}@{MTA_SINK_DOMAIN}"], body(i))
+                    with lock:
+                        state["sent"] += 1
+        except (OSError, smtplib.SMTPException) as exc:
+            with lock:
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=run, name=f"naive-{k}", daemon=True) for k in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(max(0.1, started + timeout - time.monotonic()))
+    elapsed = time.monotonic() - started
+    if any(t.is_alive() for t in workers):
+        errors.append(f"not finished within {timeout:.0f}s")
+    sent = state["sent"]
+    return {"sent": sent, "errors": errors[:5], "seconds": round(elapsed, 3),
+            "msgs_per_s": round(sent / elapsed, 1) if sent == messages and elapsed > 0 else None}
+
+
 def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
 
@@ -534,6 +671,17 @@ def table(results: dict[str, Any]) -> str:
                 add(scn, f"{load}/s p50/p95/p99 ms",
                     f"{lr['p50_ms']} / {lr['p95_ms']} / {lr['p99_ms']} (missing {lr['missing']})", tgt)
                 add(scn, f"{load}/s p50 intake/queue/attempt ms", _stages(lr["stages"]))
+        elif scn == "mta":
+            add(scn, f"mailtrio deliveries/s (XADD -> sent, {res['connections']} conns)", res["deliveries_per_s"])
+            add(scn, f"smtplib msgs/s ({res['smtplib_threads']} threads, same listener)",
+                res["smtplib_msgs_per_s"] if res["smtplib_msgs_per_s"] is not None
+                else f"error: {res['smtplib_errors']}")
+            add(scn, "ratio mailtrio/smtplib", "-" if res["ratio_to_smtplib"] is None
+                else f"{res['ratio_to_smtplib']:.2f}", TARGETS["mta.ratio_to_smtplib"])
+            add(scn, "sent / attempts accepted", f"{res['sent']} / {res['attempts_accepted']}")
+            add(scn, "attempt p50 ms (claim -> reply)", res["attempt_p50_ms"])
+            add(scn, "service CPU ms/delivery (-> per core/s)",
+                f"{res['service_cpu_ms_per_item']} (-> {res['rate_per_core_s']})")
         elif scn == "fairness":
             add(scn, "authsession p99 ms behind backlog", res["auth_p99_ms"], TARGETS["fairness.auth_p99_ms"])
             add(scn, "p50 intake/queue/attempt ms", _stages(res["stages"]))
@@ -583,7 +731,7 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     harness.install_signal_exit()
     names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = set(names) - {"intake", "e2e", "latency", "fairness"}
+    unknown = set(names) - {"intake", "e2e", "latency", "fairness", "mta"}
     if unknown:
         print(f"unknown scenario(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2

@@ -21,21 +21,23 @@ def _rfc3339(ts: float) -> str:
 
 
 def command(run: str, i: int, *, source: str = "notification", send_at: float | None = None,
-            headers: Mapping[str, str] | None = None, locale: str | None = None) -> Entry:
-    """A well-formed template command; its delivery id is `<run>-<i>` (or `<run>-a<i>` for auth)."""
+            headers: Mapping[str, str] | None = None, locale: str | None = None,
+            domain: str = "example.com") -> Entry:
+    """A well-formed template command; its delivery id is `<run>-<i>` (or `<run>-a<i>` for auth);
+    its recipient is in `domain`."""
     delivery_id = f"{run}-{'a' if source == 'authsession' else 'n'}{i}"
     payload: dict[str, object]
     if source == "authsession":
         payload = {
             "template_id": "login-code",
-            "to": [{"email": f"user{i}@example.com", "name": f"User {i}"}],
+            "to": [{"email": f"user{i}@{domain}", "name": f"User {i}"}],
             "variables": {"code": f"{(i * 7919) % 1000000:06d}", "name": f"User {i}"},
         }
         loc = locale or ("en", "fr", "pt-BR")[i % 3]
     else:
         payload = {
             "template_id": "newsletter",
-            "to": [f"reader{i}@example.com"],
+            "to": [f"reader{i}@{domain}"],
             "variables": {"title": f"News #{i}", "intro": "What happened this week.",
                           "items": ["First story", "Second story", "Third story"]},
             "tags": ["bench"],

@@ -88,7 +88,8 @@ def poison_commands(run: str, count: int, start: int) -> list[dict[str, str]]:
     without SMTPUTF8 support cannot build: each must end final without disturbing anything."""
     out = []
     for i in range(start, start + count):
-        entry = commands.command(run, i)
+        # The header names the delivery at the server: a builder with SMTPUTF8 sends it.
+        entry = commands.command(run, i, headers={"X-Drill-Delivery": f"{run}-p{i}"})
         entry["delivery_id"] = f"{run}-p{i}"
         entry["idempotency_key"] = f"{run}-key-p{i}"
         payload = json.loads(entry["payload"])

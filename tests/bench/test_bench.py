@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchlib import harness  # noqa: E402
+from benchlib import harness, postfix  # noqa: E402
 
 
 def _number(value: object) -> bool:
@@ -67,6 +67,26 @@ def test_quick_bench_reports_every_scenario(tmp_path: Path) -> None:
     # the table names every scenario
     for name in scenarios:
         assert name in done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(postfix.unavailable() is not None, reason=str(postfix.unavailable()))
+def test_quick_mta_scenario_sends_everything_through_postfix(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--scenarios", "mta", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert out.exists(), done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    mta = doc["scenarios"]["mta"]
+    assert "error" not in mta, (mta, done.stderr[-3000:])
+    n = doc["meta"]["sizes"]["mta"]
+    # every delivery sent, its accepted attempt durable; the naive sender sent as many
+    assert mta["deliveries"] == mta["sent"] == mta["attempts_accepted"] == n
+    assert mta["smtplib_sent"] == n and mta["smtplib_errors"] == [], mta
+    for key in ("deliveries_per_s", "smtplib_msgs_per_s", "ratio_to_smtplib", "peak_rss_mb"):
+        assert _number(mta[key]) and mta[key] > 0, (key, mta)
+    assert mta["exit_code"] == 0, mta
+    assert "ratio mailtrio/smtplib" in done.stdout
 
 
 def test_peer_result_line_is_read_as_numbers() -> None:

@@ -113,7 +113,7 @@ async def test_session_asks_the_lease_before_mail_from_and_before_the_content(
         await session.close()
     await trio.sleep(0.2)
     assert len(server.accepted()) == 1
-    assert not [e for e in server.events() if e["event"] not in ("connect", "accepted")]
+    assert not [e for e in server.events() if e["event"] not in ("connect", "ehlo", "accepted")]
 
 
 # -- decoding and preparing a claimed batch --------------------------------------------------------

@@ -102,7 +102,10 @@ def test_sigterm_with_a_sick_server_exits_within_the_bound_and_sends_each_once(
                    + [h.delivery(f"w-{i}", to=[f"user{i}@example.com"]) for i in range(4)])
     with ServeProcess(env) as proc:
         proc.wait_ready()
-        wait_until(lambda: sending(dsn) == 4 and server.connections() >= 4, 20, "four attempts in flight")
+        # The four stalling deliveries claimed (others may wait in the claim-ahead buffer behind
+        # them, given back at SIGTERM) and every worker connected.
+        wait_until(lambda: all(h.deliveries(dsn, [f"d-{i}"])[f"d-{i}"]["status"] == "sending" for i in range(4))
+                   and server.connections() >= 4, 20, "four attempts in flight")
         time.sleep(1.0)  # the four are inside the SMTP server's stall
         if sick == "postgres":
             pg_proxy.blackhole()
