@@ -502,18 +502,7 @@ class WorkerPool:
         reason = f"decode_failed: the stored delivery cannot be decoded: {describe(bad.error)}"[:1000]
         _log.error("attempt crashed", delivery_id=bad.delivery_id, source=bad.source, phase="decode",
                    delivery_status="failed", error=describe(bad.error), exc_info=bad.error)
-        return store.Finish(
-            delivery_id=bad.delivery_id,
-            lease_started_at=bad.lease_started_at,
-            status="failed",
-            status_reason=reason,
-            attempt_status=None,
-            elapsed_ms=0,
-            provider_summary=None,
-            details=None,
-            retry_ms=None,
-            ladder_step=bad.ladder_step,
-        )
+        return failed_unsent(bad, reason)
 
     def _prepare_crashed(self, claim: store.Claim, exc: Exception) -> store.Finish:
         """Rendering a claimed delivery raised something other than a render error."""
@@ -521,18 +510,7 @@ class WorkerPool:
             reason = f"render_failed: {describe(exc)}"[:1000]
             _log.error("attempt crashed", delivery_id=claim.delivery_id, source=claim.source, phase="render",
                        delivery_status="failed", error=describe(exc), exc_info=exc)
-            return store.Finish(
-                delivery_id=claim.delivery_id,
-                lease_started_at=claim.lease_started_at,
-                status="failed",
-                status_reason=reason,
-                attempt_status=None,
-                elapsed_ms=0,
-                provider_summary=None,
-                details=None,
-                retry_ms=None,
-                ladder_step=claim.ladder_step,
-            )
+            return failed_unsent(claim, reason)
         report = _crash_report(exc, Phase.BUILD, "render")
         finish = self._finish_for(claim, report, elapsed_ms=0, resolved_locale=None)
         _log.error("attempt crashed", delivery_id=claim.delivery_id, source=claim.source, phase="render",
@@ -546,18 +524,7 @@ class WorkerPool:
         with trace.use_span(span):
             _log.warning("delivery failed: render failed", delivery_id=claim.delivery_id,
                          source=claim.source, template_id=claim.template_id, reason=reason)
-        return store.Finish(
-            delivery_id=claim.delivery_id,
-            lease_started_at=claim.lease_started_at,
-            status="failed",
-            status_reason=summary,
-            attempt_status=None,
-            elapsed_ms=0,
-            provider_summary=None,
-            details=None,
-            retry_ms=None,
-            ladder_step=claim.ladder_step,
-        )
+        return failed_unsent(claim, summary)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -962,6 +929,22 @@ def _crash_report(exc: BaseException, phase: Phase, stage: str) -> SendReport:
         f"attempt crashed during {stage}{unknown}: {describe(exc)}"[:1000],
         phase,
         extra={"crashed": type(exc).__name__},
+    )
+
+
+def failed_unsent(claim: store.Claim | store.Undecodable, reason: str) -> store.Finish:
+    """The delivery fails before anything was sent (no attempt took place)."""
+    return store.Finish(
+        delivery_id=claim.delivery_id,
+        lease_started_at=claim.lease_started_at,
+        status="failed",
+        status_reason=reason,
+        attempt_status=None,
+        elapsed_ms=0,
+        provider_summary=None,
+        details=None,
+        retry_ms=None,
+        ladder_step=claim.ladder_step,
     )
 
 
