@@ -212,7 +212,7 @@ class Publisher:
                     return
                 await self._pause(self.poll_interval)
 
-    async def refresh_gauges(self) -> telemetry.OutboxSnapshot:
+    async def refresh_gauges(self) -> telemetry.QueueSnapshot:
         """One refresh of the outbox gauges (the monitor's `run_once`)."""
         with trio.fail_after(MONITOR_TIMEOUT):
             depth, oldest_age_ms = await outbox_gauges(self.db)

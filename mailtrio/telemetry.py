@@ -61,69 +61,36 @@ attempt_outcomes = meter.create_counter(
 
 
 @dataclass
-class ScheduleSnapshot:
+class QueueSnapshot:
+    """Depth and oldest age of a queue, refreshed by a monitor task; read by the gauges' callbacks
+    (the export thread never touches the database)."""
+
     depth: int = 0
     oldest_age_ms: float = 0.0
 
 
-# The schedule gauges read a snapshot that `ScheduleMonitor` refreshes (one indexed query every
-# few seconds); the export thread never touches the database.
-schedule_snapshot = ScheduleSnapshot()
+def _queue_gauges(snapshot: QueueSnapshot, name: str, unit: str, depth: str, oldest: str) -> None:
+    """`<name>.depth` and `<name>.oldest_age_ms`, observed from `snapshot`."""
+
+    def depth_cb(_: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(snapshot.depth)
+
+    def oldest_cb(_: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(snapshot.oldest_age_ms)
+
+    meter.create_observable_gauge(f"{name}.depth", callbacks=[depth_cb], unit=unit, description=depth)
+    meter.create_observable_gauge(f"{name}.oldest_age_ms", callbacks=[oldest_cb], unit="ms", description=oldest)
 
 
-def _depth_cb(_: CallbackOptions) -> Iterable[Observation]:
-    yield Observation(schedule_snapshot.depth)
-
-
-def _oldest_cb(_: CallbackOptions) -> Iterable[Observation]:
-    yield Observation(schedule_snapshot.oldest_age_ms)
-
-
-schedule_depth = meter.create_observable_gauge(
-    "mail.attempt_schedule.depth",
-    callbacks=[_depth_cb],
-    unit="{delivery}",
-    description="Deliveries waiting in queued or rendered",
-)
-schedule_oldest_age_ms = meter.create_observable_gauge(
-    "mail.attempt_schedule.oldest_age_ms",
-    callbacks=[_oldest_cb],
-    unit="ms",
-    description="Age of the oldest waiting delivery on the schedule",
-)
-
-
-@dataclass
-class OutboxSnapshot:
-    depth: int = 0
-    oldest_age_ms: float = 0.0
-
-
-# The event outbox gauges read a snapshot that the event publisher's monitor refreshes (every
-# instance refreshes it, publishing or not).
-outbox_snapshot = OutboxSnapshot()
-
-
-def _outbox_depth_cb(_: CallbackOptions) -> Iterable[Observation]:
-    yield Observation(outbox_snapshot.depth)
-
-
-def _outbox_oldest_cb(_: CallbackOptions) -> Iterable[Observation]:
-    yield Observation(outbox_snapshot.oldest_age_ms)
-
-
-events_outbox_depth = meter.create_observable_gauge(
-    "mail.events.outbox.depth",
-    callbacks=[_outbox_depth_cb],
-    unit="{event}",
-    description="Delivery events written but not yet published to the event stream",
-)
-events_outbox_oldest_age_ms = meter.create_observable_gauge(
-    "mail.events.outbox.oldest_age_ms",
-    callbacks=[_outbox_oldest_cb],
-    unit="ms",
-    description="Age of the oldest unpublished delivery event",
-)
+# Refreshed by `ScheduleMonitor` (one indexed query every few seconds).
+schedule_snapshot = QueueSnapshot()
+_queue_gauges(schedule_snapshot, "mail.attempt_schedule", "{delivery}",
+              "Deliveries waiting in queued or rendered", "Age of the oldest waiting delivery on the schedule")
+# Refreshed by the event publisher's monitor (every instance refreshes it, publishing or not).
+outbox_snapshot = QueueSnapshot()
+_queue_gauges(outbox_snapshot, "mail.events.outbox", "{event}",
+              "Delivery events written but not yet published to the event stream",
+              "Age of the oldest unpublished delivery event")
 events_published = meter.create_counter(
     "mail.events.published", unit="{event}",
     description="Delivery events published to the event stream, by event type",
@@ -142,7 +109,7 @@ class ScheduleMonitor:
         self.interval = interval
         self.timeout = timeout
 
-    async def refresh(self) -> ScheduleSnapshot:
+    async def refresh(self) -> QueueSnapshot:
         """One refresh (the service's `run_once`): query, update the snapshot, return it."""
         from mailtrio.store import api as store_api
 
