@@ -69,8 +69,8 @@ class QueueSnapshot:
     oldest_age_ms: float = 0.0
 
 
-def _queue_gauges(snapshot: QueueSnapshot, name: str, unit: str, depth: str, oldest: str) -> None:
-    """`<name>.depth` and `<name>.oldest_age_ms`, observed from `snapshot`."""
+def _queue_gauges(snapshot: QueueSnapshot, names: tuple[str, str], unit: str, depth: str, oldest: str) -> None:
+    """The depth and oldest-age gauges named `names`, observed from `snapshot`."""
 
     def depth_cb(_: CallbackOptions) -> Iterable[Observation]:
         yield Observation(snapshot.depth)
@@ -78,17 +78,17 @@ def _queue_gauges(snapshot: QueueSnapshot, name: str, unit: str, depth: str, old
     def oldest_cb(_: CallbackOptions) -> Iterable[Observation]:
         yield Observation(snapshot.oldest_age_ms)
 
-    meter.create_observable_gauge(f"{name}.depth", callbacks=[depth_cb], unit=unit, description=depth)
-    meter.create_observable_gauge(f"{name}.oldest_age_ms", callbacks=[oldest_cb], unit="ms", description=oldest)
+    meter.create_observable_gauge(names[0], callbacks=[depth_cb], unit=unit, description=depth)
+    meter.create_observable_gauge(names[1], callbacks=[oldest_cb], unit="ms", description=oldest)
 
 
 # Refreshed by `ScheduleMonitor` (one indexed query every few seconds).
 schedule_snapshot = QueueSnapshot()
-_queue_gauges(schedule_snapshot, "mail.attempt_schedule", "{delivery}",
+_queue_gauges(schedule_snapshot, ("mail.attempt_schedule.depth", "mail.attempt_schedule.oldest_age_ms"), "{delivery}",
               "Deliveries waiting in queued or rendered", "Age of the oldest waiting delivery on the schedule")
 # Refreshed by the event publisher's monitor (every instance refreshes it, publishing or not).
 outbox_snapshot = QueueSnapshot()
-_queue_gauges(outbox_snapshot, "mail.events.outbox", "{event}",
+_queue_gauges(outbox_snapshot, ("mail.events.outbox.depth", "mail.events.outbox.oldest_age_ms"), "{event}",
               "Delivery events written but not yet published to the event stream",
               "Age of the oldest unpublished delivery event")
 events_published = meter.create_counter(
