@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -98,3 +98,18 @@ def metric_reader() -> Iterator[Any]:
                                 extra_span_processor=lambda tp: tp.add_span_processor(SpanProcessor()))
     yield reader
     installed.shutdown()
+
+
+@pytest.fixture
+async def db(database: str) -> AsyncIterator[Any]:
+    """A mailtrio Database (the service's pool) on this test's database, inside an asyncio loop."""
+    from mailtrio import bridge
+    from mailtrio.store import Database
+
+    async with bridge.open_loop():
+        d = Database(database, 6)
+        await d.open()
+        try:
+            yield d
+        finally:
+            await d.close()

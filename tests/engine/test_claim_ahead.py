@@ -10,13 +10,11 @@ import dataclasses
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime
 
-import pytest
 import trio
 
-from mailtrio import bridge
 from mailtrio.catalog import Catalog
 from mailtrio.config import Settings
 from mailtrio.providers.build import build_provider
@@ -28,17 +26,6 @@ from tests.engine.conftest import smtp_env
 from tests.engine.test_engine_inprocess import poll
 from tests.support.serve import TEMPLATES, ServeProcess
 from tests.support.smtpserver import SmtpTestServer
-
-
-@pytest.fixture
-async def db(database: str) -> AsyncIterator[Database]:
-    async with bridge.open_loop():
-        d = Database(database, 4)
-        await d.open()
-        try:
-            yield d
-        finally:
-            await d.close()
 
 
 def sending_ids(dsn: str) -> set[str]:

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import psycopg
 import pytest
 import trio
 
-from mailtrio import bridge
 from mailtrio.catalog import Catalog
 from mailtrio.config import Settings
 from mailtrio.identity import IdentityConflict, InstanceIdentity
@@ -35,17 +34,6 @@ from tests.support.serve import TEMPLATES
 from tests.support.smtpserver import SmtpTestServer
 
 DEEP = 5000  # JSON nesting far past Python's recursion limit (PostgreSQL's jsonb takes it)
-
-
-@pytest.fixture
-async def db(database: str) -> AsyncIterator[Database]:
-    async with bridge.open_loop():
-        d = Database(database, 4)
-        await d.open()
-        try:
-            yield d
-        finally:
-            await d.close()
 
 
 def settings(service_env: dict[str, str], **overrides: str) -> Settings:

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-import pytest
 import trio
 
-from mailtrio import bridge
 from mailtrio.store import Database
 from mailtrio.store import engine as store
 from tests.engine import helpers as h
-
-
-@pytest.fixture
-async def db(database: str) -> AsyncIterator[Database]:
-    async with bridge.open_loop():
-        d = Database(database, 6)
-        await d.open()
-        try:
-            yield d
-        finally:
-            await d.close()
 
 
 @dataclass

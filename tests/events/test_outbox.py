@@ -5,30 +5,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
-import pytest
 
-from mailtrio import bridge
 from mailtrio.store import Database
 from mailtrio.store import api as store_api
 from mailtrio.store import engine as store
 from tests.engine import helpers as h
 
 TIME_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-@pytest.fixture
-async def db(database: str) -> AsyncIterator[Database]:
-    async with bridge.open_loop():
-        d = Database(database, 4)
-        await d.open()
-        try:
-            yield d
-        finally:
-            await d.close()
 
 
 def events(dsn: str, delivery_id: str | None = None) -> list[dict[str, Any]]:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis
 import trio
 
-from mailtrio import bridge, telemetry
+from mailtrio import telemetry
 from mailtrio.config import Settings
 from mailtrio.events import Publisher
 from mailtrio.retention import Retention
@@ -26,17 +25,6 @@ from tests.events import helpers as ev
 def settings(service_env: dict[str, str]) -> Settings:
     env = {**service_env, "MAIL_REDIS_EVENT_STREAM": service_env["MAIL_REDIS_COMMAND_STREAM"] + ":events"}
     return Settings.from_env(env)
-
-
-@pytest.fixture
-async def db(database: str) -> AsyncIterator[Database]:
-    async with bridge.open_loop():
-        d = Database(database, 4)
-        await d.open()
-        try:
-            yield d
-        finally:
-            await d.close()
 
 
 @pytest.fixture
