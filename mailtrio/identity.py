@@ -44,6 +44,8 @@ PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 5.0
 # At startup, how long a lock held by someone else is retried before giving up.
 STARTUP_WAIT = 3.0
+STARTUP_POLL = 0.25
+# Re-acquiring a lost lock (mailtrio.backoff): about 0.2 s, doubling to about 2 s.
 RECONNECT_BACKOFF = (0.2, 2.0)
 
 
@@ -119,7 +121,10 @@ class InstanceIdentity:
                     f"MAIL_INSTANCE_ID {self.instance_id!r} is already in use by a live process "
                     f"({_describe(holder)} holds its identity lock): every running instance needs "
                     "its own MAIL_INSTANCE_ID")
-            await trio.sleep(0.25)
+            # Not a retry after an error (an error ends start-up above): a short poll, bounded by
+            # STARTUP_WAIT, for a predecessor's session to vanish. A fixed step notices that
+            # soonest; backoff and jitter would only delay the start.
+            await trio.sleep(STARTUP_POLL)
 
     # -- keeping it ----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -82,6 +82,9 @@ class Stream:
             socket_timeout=None,
             health_check_interval=0,
             client_name=f"mailtrio:{settings.instance_id}",
+            # No retry inside redis-py: a failed call surfaces at once, and the loop that made it
+            # (the command consumer, the event publisher) resets the client and retries with
+            # mailtrio.backoff, the one backoff of every retry loop.
             retry=Retry(NoBackoff(), 0),
             # RESP2: stream replies map straight to redis-py's shapes (no RESP3 conversion)
             protocol=2,
