@@ -53,7 +53,7 @@ class IdentityConflict(Exception):
     """Another live process holds this MAIL_INSTANCE_ID."""
 
 
-def _describe(holder: dict[str, Any] | None) -> str:
+def describe_holder(holder: dict[str, Any] | None) -> str:
     if holder is None:
         return "another session"
     parts = [f"PostgreSQL backend pid {holder.get('pid')}"]
@@ -119,7 +119,7 @@ class InstanceIdentity:
             if trio.current_time() >= deadline:
                 raise StartupError(
                     f"MAIL_INSTANCE_ID {self.instance_id!r} is already in use by a live process "
-                    f"({_describe(holder)} holds its identity lock): every running instance needs "
+                    f"({describe_holder(holder)} holds its identity lock): every running instance needs "
                     "its own MAIL_INSTANCE_ID")
             # Not a retry after an error (an error ends start-up above): a short poll, bounded by
             # STARTUP_WAIT, for a predecessor's session to vanish. A fixed step notices that
@@ -181,9 +181,9 @@ class InstanceIdentity:
                         _log.warning("could not terminate the previous session", error=_one_line(exc))
                 else:
                     message = (f"MAIL_INSTANCE_ID {self.instance_id!r} was taken by another live process "
-                               f"({_describe(holder)}) while this one's identity lock was lost; stopping")
+                               f"({describe_holder(holder)}) while this one's identity lock was lost; stopping")
                     _log.error("instance identity conflict", instance_id=self.instance_id,
-                               holder=_describe(holder))
+                               holder=describe_holder(holder))
                     raise IdentityConflict(message)
             await trio.sleep(delay)
             delay = backoff.next()
