@@ -228,13 +228,13 @@ def _validate(
         raise _Reject(FailureCode.INVALID_FIELD, "delivery_id must be 1-128 characters of [A-Za-z0-9._:-]")
     source = _text(raw, "source")
     if source not in SOURCES:
-        raise _Reject(FailureCode.INVALID_FIELD, f"source must be 'authsession' or 'notification', got {_show(source)}")
+        raise _Reject(FailureCode.INVALID_FIELD, f"source must be {_one_of(SOURCES)}, got {_show(source)}")
     key = _text(raw, "idempotency_key")
     if not 1 <= len(key) <= 200 or not key.isprintable():
         raise _Reject(FailureCode.INVALID_FIELD, "idempotency_key must be 1-200 printable characters")
     if mode is None:
         raise _Reject(FailureCode.INVALID_FIELD,
-                      f"payload_mode must be 'template' or 'rendered', got {_show(payload_mode)}")
+                      f"payload_mode must be {_one_of(MODES)}, got {_show(payload_mode)}")
     send_at, send_at_c = _send_at(raw, now)
     traceparent = _traceparent(raw)
 
@@ -610,6 +610,11 @@ def valid_traceparent(text: str) -> bool:
 
 
 _locale_ok = bcp47.is_canonical
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    """'a' or 'b' (or 'c'): the values of an enumeration, for a failure detail."""
+    return " or ".join(repr(v) for v in values)
 
 
 def _recipient(item: Any, where: str) -> dict[str, str | None]:
