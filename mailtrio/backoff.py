@@ -3,7 +3,9 @@
 Step n (from 0) is `min(cap, first * 2**n)`; the delay is the step scaled by a random factor in
 `[1 - jitter/2, 1 + jitter/2]` (within ±25% for the default 0.5): instances that lost the same
 Redis or PostgreSQL at the same moment do not come back in lockstep, while on average they retry
-exactly as often as without jitter (so an outage logs no more retry lines than before).
+exactly as often as without jitter (so an outage logs no more retry lines than before). A delay
+can thus exceed the cap by a quarter (`longest`); a loop that must never wait longer than a bound
+takes its cap as bound / 1.25.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ class Backoff:
     def reset(self) -> None:
         """After a success: the next failure waits `first` again."""
         self._step = self.first
+
+    @property
+    def longest(self) -> float:
+        """The longest delay `next` can return: the cap with the most jitter."""
+        return self.cap * (1.0 + self.jitter / 2)
 
     @property
     def pending_step(self) -> float:

@@ -223,7 +223,8 @@ variables (see README "Configuration" for each; `mailtrio check` tries them all)
 _CHECK_HELP = """\
 Run every start-up step of `mailtrio serve` without starting it, one line per step with ok,
 failed or skipped and why: configuration, Redis (PING), PostgreSQL (connect, schema mail, pool),
-migrations (applied and pending; nothing is applied), the template catalog (parse all), the
+migrations (applied and pending; nothing is applied), the instance identity (is MAIL_INSTANCE_ID
+held by a live process; held is reported, not failed), the template catalog (parse all), the
 listener address (can it be bound; in use is reported, not failed), and in smtp mode an SMTP
 probe with the service's own client (connect, EHLO, STARTTLS or TLS, AUTH, QUIT; nothing is
 sent). Run it before a deploy, with the service's environment.

@@ -40,6 +40,7 @@ import orjson
 from email_validator import EmailNotValidError, validate_email
 
 from mailtrio import bcp47, enums, message
+from mailtrio.enums import FailureCode, PayloadMode
 from mailtrio.message import MAX_LINE_OCTETS, STRUCTURED, UNSAFE_CONTROL_RE, header_name_allowed, structured_value_fits
 
 # -- the contract's limits -------------------------------------------------------------------
@@ -136,7 +137,7 @@ Outcome = Command | Malformed
 class _Reject(Exception):
     """Internal: the first failure found, turned into a Malformed by `validate`."""
 
-    def __init__(self, code: str, detail: str) -> None:
+    def __init__(self, code: FailureCode, detail: str) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
@@ -157,7 +158,7 @@ def validate(
         return _malformed(stream_entry_id, fields or {}, exc.code, exc.detail)
     except Exception as exc:  # a bug here must not stop the consumer: quarantine the entry
         detail = f"entry could not be validated ({type(exc).__name__})"
-        return _malformed(stream_entry_id, fields or {}, "invalid_field", detail)
+        return _malformed(stream_entry_id, fields or {}, FailureCode.INVALID_FIELD, detail)
 
 
 def _validate(
@@ -179,7 +180,7 @@ def _validate(
     if payload_bytes is not None:
         if len(payload_bytes) > MAX_PAYLOAD_BYTES:
             payload_error = _Reject(
-                "payload_too_large",
+                FailureCode.PAYLOAD_TOO_LARGE,
                 f"payload is {len(payload_bytes)} bytes; the limit is {MAX_PAYLOAD_BYTES} bytes (512 KiB)",
             )
         else:
@@ -195,26 +196,26 @@ def _validate(
         if raw.get(_KEYS[name]) is None:
             if payload_error is not None:
                 raise payload_error
-            raise _Reject("missing_field", f"required field {name!r} is missing")
+            raise _Reject(FailureCode.MISSING_FIELD, f"required field {name!r} is missing")
     if payload_error is not None:
         raise payload_error
     assert canonical is not None
     if not isinstance(payload, dict):
-        raise _Reject("invalid_json", f"payload is JSON but not an object (got {_json_type(payload)})")
+        raise _Reject(FailureCode.INVALID_JSON, f"payload is JSON but not an object (got {_json_type(payload)})")
 
     payload_mode = _text(raw, "payload_mode")
     mode = payload_mode if payload_mode in MODES else None
 
     # Payload keys present?
     if _absent(payload, "to"):
-        raise _Reject("missing_field", "payload key 'to' is missing")
-    if mode == "template" and _absent(payload, "template_id"):
-        raise _Reject("missing_field", "payload key 'template_id' is missing (payload_mode template)")
-    if mode == "rendered":
+        raise _Reject(FailureCode.MISSING_FIELD, "payload key 'to' is missing")
+    if mode == PayloadMode.TEMPLATE and _absent(payload, "template_id"):
+        raise _Reject(FailureCode.MISSING_FIELD, "payload key 'template_id' is missing (payload_mode template)")
+    if mode == PayloadMode.RENDERED:
         if _absent(payload, "subject"):
-            raise _Reject("missing_field", "payload key 'subject' is missing (payload_mode rendered)")
+            raise _Reject(FailureCode.MISSING_FIELD, "payload key 'subject' is missing (payload_mode rendered)")
         if _absent(payload, "text") and _absent(payload, "html"):
-            raise _Reject("missing_field", "payload needs 'text' or 'html' (payload_mode rendered)")
+            raise _Reject(FailureCode.MISSING_FIELD, "payload needs 'text' or 'html' (payload_mode rendered)")
     for rec_key in ("to", "cc", "bcc"):
         _check_recipient_shapes_present(payload, rec_key)
     if not _absent(payload, "reply_to"):
@@ -224,66 +225,69 @@ def _validate(
     # Entry field values.
     delivery_id = _text(raw, "delivery_id")
     if not _DELIVERY_ID_RE.fullmatch(delivery_id):
-        raise _Reject("invalid_field", "delivery_id must be 1-128 characters of [A-Za-z0-9._:-]")
+        raise _Reject(FailureCode.INVALID_FIELD, "delivery_id must be 1-128 characters of [A-Za-z0-9._:-]")
     source = _text(raw, "source")
     if source not in SOURCES:
-        raise _Reject("invalid_field", f"source must be 'authsession' or 'notification', got {_show(source)}")
+        raise _Reject(FailureCode.INVALID_FIELD, f"source must be {_one_of(SOURCES)}, got {_show(source)}")
     key = _text(raw, "idempotency_key")
     if not 1 <= len(key) <= 200 or not key.isprintable():
-        raise _Reject("invalid_field", "idempotency_key must be 1-200 printable characters")
+        raise _Reject(FailureCode.INVALID_FIELD, "idempotency_key must be 1-200 printable characters")
     if mode is None:
-        raise _Reject("invalid_field", f"payload_mode must be 'template' or 'rendered', got {_show(payload_mode)}")
+        raise _Reject(FailureCode.INVALID_FIELD,
+                      f"payload_mode must be {_one_of(MODES)}, got {_show(payload_mode)}")
     send_at, send_at_c = _send_at(raw, now)
     traceparent = _traceparent(raw)
 
     # Payload values.
     template_id: str | None = None
-    if mode == "template":
+    if mode == PayloadMode.TEMPLATE:
         template_id = payload["template_id"]
         if not isinstance(template_id, str) or not template_id.strip():
-            raise _Reject("invalid_field", "payload.template_id must be a non-blank string")
+            raise _Reject(FailureCode.INVALID_FIELD, "payload.template_id must be a non-blank string")
     else:
         subject = _content(payload, "subject", required=True)
         if len(subject) > MAX_SUBJECT:
             raise _Reject(
-                "invalid_field", f"payload.subject is {len(subject)} characters long; at most {MAX_SUBJECT} are allowed"
+                FailureCode.INVALID_FIELD,
+                f"payload.subject is {len(subject)} characters long; at most {MAX_SUBJECT} are allowed",
             )
         text = _content(payload, "text", required=False)
         html = _content(payload, "html", required=False)
         if not text and not html:
-            raise _Reject("invalid_field", "payload needs a non-blank 'text' or 'html'")
+            raise _Reject(FailureCode.INVALID_FIELD, "payload needs a non-blank 'text' or 'html'")
     for rec_key in ("to", "cc", "bcc"):
         value = payload.get(rec_key)
         if value is not None and not isinstance(value, list):
-            raise _Reject("invalid_field", f"payload.{rec_key} must be a list of recipients")
+            raise _Reject(FailureCode.INVALID_FIELD, f"payload.{rec_key} must be a list of recipients")
     _check_headers(payload.get("headers"))
     variables = payload.get("variables")
     if variables is not None and not isinstance(variables, dict):
-        raise _Reject("invalid_field", "payload.variables must be an object")
+        raise _Reject(FailureCode.INVALID_FIELD, "payload.variables must be an object")
     tags = payload.get("tags")
     if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
-        raise _Reject("invalid_field", "payload.tags must be a list of strings")
+        raise _Reject(FailureCode.INVALID_FIELD, "payload.tags must be a list of strings")
     if "\\u0000" in canonical and _JSON_NUL_RE.search(canonical):
-        raise _Reject("invalid_field", "payload contains a NUL character (\\u0000), which cannot be stored")
+        raise _Reject(FailureCode.INVALID_FIELD, "payload contains a NUL character (\\u0000), which cannot be stored")
 
     # Locale.
     locale = _text(raw, "locale")
     if not _locale_ok(locale):
         raise _Reject(
-            "invalid_locale",
+            FailureCode.INVALID_LOCALE,
             f"locale {_show(locale)} is not a canonical BCP 47 tag (e.g. en, fr-CA, pt-BR, zh-Hant-TW)",
         )
 
     # Recipients.
     to = payload["to"]
     if not to:
-        raise _Reject("invalid_recipient", "payload.to must have at least one recipient")
+        raise _Reject(FailureCode.INVALID_RECIPIENT, "payload.to must have at least one recipient")
     if len(to) > MAX_TO:
-        raise _Reject("invalid_recipient", f"payload.to has {len(to)} recipients; at most {MAX_TO} are allowed")
+        raise _Reject(FailureCode.INVALID_RECIPIENT,
+                      f"payload.to has {len(to)} recipients; at most {MAX_TO} are allowed")
     total = len(to) + len(payload.get("cc") or ()) + len(payload.get("bcc") or ())
     if total > MAX_RECIPIENTS:
         raise _Reject(
-            "invalid_recipient",
+            FailureCode.INVALID_RECIPIENT,
             f"to, cc and bcc have {total} recipients together; at most {MAX_RECIPIENTS} are allowed",
         )
     recipients = {
@@ -296,7 +300,7 @@ def _validate(
 
     # Template.
     if template_id is not None and not has_template(template_id):
-        raise _Reject("unknown_template", f"template {_show(template_id)} is not in the catalog")
+        raise _Reject(FailureCode.UNKNOWN_TEMPLATE, f"template {_show(template_id)} is not in the catalog")
 
     by_value = _canonical_numbers(payload) if has_float else canonical
     material = "\x1e".join((delivery_id, source, key, payload_mode, locale, send_at_c, by_value))
@@ -340,7 +344,7 @@ def _text(raw: Mapping[bytes, Any], name: str) -> str:
             return value.decode()
         return _as_bytes(value).decode("utf-8")
     except UnicodeDecodeError:
-        raise _Reject("invalid_field", f"{name} is not valid UTF-8") from None
+        raise _Reject(FailureCode.INVALID_FIELD, f"{name} is not valid UTF-8") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -375,29 +379,29 @@ def _parse_payload(data: bytes) -> tuple[Any, str]:
             return value, out.decode()
     except orjson.JSONDecodeError as exc:
         if isinstance(exc.__cause__, UnicodeDecodeError) or "UTF-8" in str(exc):
-            raise _Reject("invalid_json", "payload is not valid UTF-8") from None
+            raise _Reject(FailureCode.INVALID_JSON, "payload is not valid UTF-8") from None
         if "depth limit" in str(exc) or "recursion" in str(exc).lower():
-            raise _Reject("invalid_field", f"payload is nested deeper than {MAX_DEPTH} levels") from None
-        raise _Reject("invalid_json", f"payload is not valid JSON: {_short(str(exc))}") from None
+            raise _Reject(FailureCode.INVALID_FIELD, f"payload is nested deeper than {MAX_DEPTH} levels") from None
+        raise _Reject(FailureCode.INVALID_JSON, f"payload is not valid JSON: {_short(str(exc))}") from None
     except orjson.JSONEncodeError:
         pass  # fall through to the exact path
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise _Reject("invalid_json", "payload is not valid UTF-8") from None
+        raise _Reject(FailureCode.INVALID_JSON, "payload is not valid UTF-8") from None
     try:
         value = _DECODER.decode(text)
     except RecursionError:
-        raise _Reject("invalid_field", f"payload is nested deeper than {MAX_DEPTH} levels") from None
+        raise _Reject(FailureCode.INVALID_FIELD, f"payload is nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
-        raise _Reject("invalid_json", f"payload is not valid JSON: {_short(str(exc))}") from None
+        raise _Reject(FailureCode.INVALID_JSON, f"payload is not valid JSON: {_short(str(exc))}") from None
     try:
         canonical = _CANONICAL.encode(value)
         canonical.encode("utf-8")
     except RecursionError:
-        raise _Reject("invalid_field", f"payload is nested deeper than {MAX_DEPTH} levels") from None
+        raise _Reject(FailureCode.INVALID_FIELD, f"payload is nested deeper than {MAX_DEPTH} levels") from None
     except UnicodeEncodeError:
-        raise _Reject("invalid_json", "payload contains an unpaired UTF-16 surrogate escape") from None
+        raise _Reject(FailureCode.INVALID_JSON, "payload contains an unpaired UTF-16 surrogate escape") from None
     return value, canonical
 
 
@@ -426,7 +430,7 @@ def _check_depth(payload: Any, canonical: str) -> bool:
                 has_float = True
             continue
         if depth > MAX_DEPTH:
-            raise _Reject("invalid_field", f"payload is nested deeper than {MAX_DEPTH} levels")
+            raise _Reject(FailureCode.INVALID_FIELD, f"payload is nested deeper than {MAX_DEPTH} levels")
         stack.extend((child, depth + 1) for child in children)
     return has_float
 
@@ -454,14 +458,14 @@ def _check_unsafe(payload: dict[str, Any]) -> None:
     """CR, LF or NUL in a header name or value, the subject, or a recipient name or address."""
     subject = payload.get("subject")
     if isinstance(subject, str) and _UNSAFE_RE.search(subject):
-        raise _Reject("unsafe_header", f"payload.subject contains {_which_unsafe(subject)}")
+        raise _Reject(FailureCode.UNSAFE_HEADER, f"payload.subject contains {_which_unsafe(subject)}")
     headers = payload.get("headers")
     if isinstance(headers, dict):
         for name, value in headers.items():
             if _UNSAFE_RE.search(name):
-                raise _Reject("unsafe_header", f"header name {_show(name)} contains {_which_unsafe(name)}")
+                raise _Reject(FailureCode.UNSAFE_HEADER, f"header name {_show(name)} contains {_which_unsafe(name)}")
             if isinstance(value, str) and _UNSAFE_RE.search(value):
-                raise _Reject("unsafe_header", f"header {_show(name)} contains {_which_unsafe(value)}")
+                raise _Reject(FailureCode.UNSAFE_HEADER, f"header {_show(name)} contains {_which_unsafe(value)}")
     for key in ("to", "cc", "bcc"):
         items = payload.get(key)
         if isinstance(items, list):
@@ -476,12 +480,12 @@ def _check_unsafe(payload: dict[str, Any]) -> None:
 def _check_unsafe_recipient(item: Any, where: str) -> None:
     if isinstance(item, str):
         if _UNSAFE_RE.search(item):
-            raise _Reject("unsafe_header", f"{where} contains {_which_unsafe(item)}")
+            raise _Reject(FailureCode.UNSAFE_HEADER, f"{where} contains {_which_unsafe(item)}")
     elif isinstance(item, dict):
         for part in ("email", "name"):
             value = item.get(part)
             if isinstance(value, str) and _UNSAFE_RE.search(value):
-                raise _Reject("unsafe_header", f"{where}.{part} contains {_which_unsafe(value)}")
+                raise _Reject(FailureCode.UNSAFE_HEADER, f"{where}.{part} contains {_which_unsafe(value)}")
 
 
 _CONTROL_NAMES: Final = {"\r": "CR", "\n": "LF", "\x00": "NUL", "\x7f": "DEL"}
@@ -505,7 +509,7 @@ def _check_recipient_shapes_present(payload: dict[str, Any], key: str) -> None:
 
 def _check_recipient_present(item: Any, where: str) -> None:
     if isinstance(item, dict) and item.get("email") is None:
-        raise _Reject("missing_field", f"{where} has no 'email'")
+        raise _Reject(FailureCode.MISSING_FIELD, f"{where} has no 'email'")
 
 
 def _content(payload: dict[str, Any], key: str, *, required: bool) -> str:
@@ -513,9 +517,9 @@ def _content(payload: dict[str, Any], key: str, *, required: bool) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise _Reject("invalid_field", f"payload.{key} must be a string")
+        raise _Reject(FailureCode.INVALID_FIELD, f"payload.{key} must be a string")
     if required and not value.strip():
-        raise _Reject("invalid_field", f"payload.{key} must not be blank")
+        raise _Reject(FailureCode.INVALID_FIELD, f"payload.{key} must not be blank")
     return value.strip()
 
 
@@ -523,26 +527,27 @@ def _check_headers(headers: Any) -> None:
     if headers is None:
         return
     if not isinstance(headers, dict):
-        raise _Reject("invalid_field", "payload.headers must be an object of header name -> string")
+        raise _Reject(FailureCode.INVALID_FIELD, "payload.headers must be an object of header name -> string")
     if len(headers) > MAX_HEADERS:
-        raise _Reject("invalid_field", f"payload.headers has {len(headers)} headers; at most {MAX_HEADERS} are allowed")
+        raise _Reject(FailureCode.INVALID_FIELD,
+                      f"payload.headers has {len(headers)} headers; at most {MAX_HEADERS} are allowed")
     for name, value in headers.items():
         if not header_name_allowed(name):
             raise _Reject(
-                "invalid_field",
+                FailureCode.INVALID_FIELD,
                 f"header {_show(name)} is not allowed (only X-*, List-Unsubscribe, List-Unsubscribe-Post; "
                 "a field name is 1-76 printable ASCII characters without ':')",
             )
         if not isinstance(value, str):
-            raise _Reject("invalid_field", f"header {_show(name)} must have a string value")
+            raise _Reject(FailureCode.INVALID_FIELD, f"header {_show(name)} must have a string value")
         if len(value) > MAX_HEADER_VALUE:
             raise _Reject(
-                "invalid_field",
+                FailureCode.INVALID_FIELD,
                 f"header {_show(name)} is {len(value)} characters long; at most {MAX_HEADER_VALUE} are allowed",
             )
         if name.lower() in STRUCTURED and not structured_value_fits(name, value):
             raise _Reject(
-                "invalid_field",
+                FailureCode.INVALID_FIELD,
                 f"header {_show(name)} cannot be folded within {MAX_LINE_OCTETS}-octet lines: it must be "
                 f"ASCII and every part between spaces must fit on one line",
             )
@@ -555,14 +560,14 @@ def _send_at(raw: Mapping[bytes, Any], now: datetime) -> tuple[datetime | None, 
         return None, ""
     parsed = _parse_rfc3339(text)
     if parsed is None:
-        raise _Reject("invalid_field", f"send_at {_show(text)} is not an RFC 3339 timestamp with an offset")
+        raise _Reject(FailureCode.INVALID_FIELD, f"send_at {_show(text)} is not an RFC 3339 timestamp with an offset")
     value, canonical = parsed
     try:
         too_late = value > now + MAX_SEND_AHEAD
     except OverflowError:
         too_late = True
     if too_late:
-        raise _Reject("invalid_field", f"send_at {_show(text)} is more than 366 days ahead")
+        raise _Reject(FailureCode.INVALID_FIELD, f"send_at {_show(text)} is more than 366 days ahead")
     return value, canonical
 
 
@@ -589,7 +594,7 @@ def _traceparent(raw: Mapping[bytes, Any]) -> str | None:
     if not text:
         return None
     if not valid_traceparent(text):
-        raise _Reject("invalid_field", f"traceparent {_show(text)} is not a valid W3C trace context")
+        raise _Reject(FailureCode.INVALID_FIELD, f"traceparent {_show(text)} is not a valid W3C trace context")
     return text
 
 
@@ -607,6 +612,11 @@ def valid_traceparent(text: str) -> bool:
 _locale_ok = bcp47.is_canonical
 
 
+def _one_of(values: tuple[str, ...]) -> str:
+    """'a' or 'b' (or 'c'): the values of an enumeration, for a failure detail."""
+    return " or ".join(repr(v) for v in values)
+
+
 def _recipient(item: Any, where: str) -> dict[str, str | None]:
     """`"addr"` or `{"email": "addr", "name": "Name"}` -> {"email", "name"}; email normalised."""
     email: Any
@@ -616,18 +626,19 @@ def _recipient(item: Any, where: str) -> dict[str, str | None]:
     elif isinstance(item, dict):
         email, name = item.get("email"), item.get("name")
         if not isinstance(email, str):
-            raise _Reject("invalid_field", f"{where}.email must be a string")
+            raise _Reject(FailureCode.INVALID_FIELD, f"{where}.email must be a string")
         if name is not None and not isinstance(name, str):
-            raise _Reject("invalid_field", f"{where}.name must be a string")
+            raise _Reject(FailureCode.INVALID_FIELD, f"{where}.name must be a string")
         if name is not None and len(name) > MAX_NAME:
             raise _Reject(
-                "invalid_field", f"{where}.name is {len(name)} characters long; at most {MAX_NAME} are allowed"
+                FailureCode.INVALID_FIELD,
+                f"{where}.name is {len(name)} characters long; at most {MAX_NAME} are allowed",
             )
     else:
-        raise _Reject("invalid_field", f"{where} must be an address string or an object with 'email'")
+        raise _Reject(FailureCode.INVALID_FIELD, f"{where} must be an address string or an object with 'email'")
     normalized = normalize_address(email)
     if normalized is None:
-        raise _Reject("invalid_recipient", f"{where} {_show(email)} is not a valid email address")
+        raise _Reject(FailureCode.INVALID_RECIPIENT, f"{where} {_show(email)} is not a valid email address")
     return {"email": normalized, "name": name}
 
 
@@ -714,7 +725,7 @@ def raw_fields(fields: Mapping[Any, Any]) -> dict[str, str]:
     return out
 
 
-def _malformed(entry_id: str, fields: Mapping[Any, Any], code: str, detail: str) -> Malformed:
+def _malformed(entry_id: str, fields: Mapping[Any, Any], code: FailureCode, detail: str) -> Malformed:
     raw = {_as_bytes(k): v for k, v in fields.items()}
 
     def ident(name: str) -> str | None:
@@ -723,7 +734,7 @@ def _malformed(entry_id: str, fields: Mapping[Any, Any], code: str, detail: str)
 
     return Malformed(
         stream_entry_id=entry_id,
-        failure_code=code,
+        failure_code=code.value,
         failure_detail=detail.replace("\x00", "\\x00"),
         delivery_id=ident("delivery_id"),
         source=ident("source"),
@@ -735,7 +746,7 @@ def conflict(command: Command, detail: str, fields: Mapping[Any, Any]) -> Malfor
     """An otherwise well-formed command that the idempotency reservations reject."""
     return Malformed(
         stream_entry_id=command.stream_entry_id,
-        failure_code="idempotency_conflict",
+        failure_code=FailureCode.IDEMPOTENCY_CONFLICT.value,
         failure_detail=detail,
         delivery_id=command.delivery_id,
         source=command.source,
@@ -750,4 +761,4 @@ def stale(stream_entry_id: str, fields: Mapping[Any, Any], age_s: float, ttl_s: 
         f"stream entry is {age_s:.0f}s old, older than MAIL_IDEMPOTENCY_TTL ({ttl_s:.0f}s): read again "
         "(a consumer group re-created on an untrimmed stream?) or consumed too late; not delivered"
     )
-    return _malformed(stream_entry_id, fields, "stale_command", detail)
+    return _malformed(stream_entry_id, fields, FailureCode.STALE_COMMAND, detail)

@@ -1,7 +1,10 @@
-"""The contract's enumerations, defined once (CONTRACT §4, §5, §6).
+"""The contract's enumerations, defined once (CONTRACT §4, §5, §6), and the service's own: the
+delivery event types (sql/00008_delivery_events.sql) and the per-recipient outcome statuses
+(`recipient_outcomes`, sql/00007_recipient_outcomes.sql).
 
 Code, the OpenAPI document, the AsyncAPI document and the CLI take their values from here; a test
-checks them against the schema's CHECK constraints and the documents. Each enumeration is a
+(tests/foundation/test_enumerations.py) checks them against the schema's CHECK constraints and
+the documents. Each enumeration is a
 `StrEnum` (its members compare equal to the plain strings stored in PostgreSQL) and a tuple of its
 values in contract order (plain strings).
 """
@@ -65,11 +68,45 @@ class FailureCode(StrEnum):
     STALE_COMMAND = "stale_command"
 
 
+class EventType(StrEnum):
+    """`event` of a delivery event (`mail.delivery_events.event`, the event stream's entries).
+
+    A final status change is the event of that name; `deferred` is an attempt that left the
+    delivery waiting, `retried` an operator's retry of a final delivery, `rejected` a malformed
+    command."""
+
+    ACCEPTED = "accepted"
+    DEFERRED = "deferred"
+    SENT = "sent"
+    SUPPRESSED = "suppressed"
+    FAILED = "failed"
+    DEAD_LETTER = "dead_letter"
+    CANCELLED = "cancelled"
+    RETRIED = "retried"
+    REJECTED = "rejected"
+
+
+class RecipientStatus(StrEnum):
+    """`status` of one envelope recipient's outcome (`recipient_outcomes` of a delivery)."""
+
+    # never stored: the API shows it for a recipient not tried yet
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    DEFERRED = "deferred"
+    REJECTED = "rejected"
+    SUPPRESSED = "suppressed"
+    DEAD_LETTER = "dead_letter"
+
+
 DELIVERY_STATUSES: tuple[str, ...] = tuple(m.value for m in DeliveryStatus)
 ATTEMPT_STATUSES: tuple[str, ...] = tuple(m.value for m in AttemptStatus)
 SOURCES: tuple[str, ...] = tuple(m.value for m in Source)
 PAYLOAD_MODES: tuple[str, ...] = tuple(m.value for m in PayloadMode)
 FAILURE_CODES: tuple[str, ...] = tuple(m.value for m in FailureCode)
+EVENT_TYPES: tuple[str, ...] = tuple(m.value for m in EventType)
+RECIPIENT_STATUSES: tuple[str, ...] = tuple(m.value for m in RecipientStatus)
 # Statuses a delivery waits in on the schedule, and those it never leaves.
-WAITING_STATUSES: tuple[str, ...] = ("queued", "rendered")
-TERMINAL_STATUSES: tuple[str, ...] = ("sent", "suppressed", "failed", "dead_letter", "cancelled")
+WAITING_STATUSES: tuple[str, ...] = (DeliveryStatus.QUEUED.value, DeliveryStatus.RENDERED.value)
+TERMINAL_STATUSES: tuple[str, ...] = tuple(
+    m.value for m in (DeliveryStatus.SENT, DeliveryStatus.SUPPRESSED, DeliveryStatus.FAILED,
+                      DeliveryStatus.DEAD_LETTER, DeliveryStatus.CANCELLED))

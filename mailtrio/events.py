@@ -4,15 +4,16 @@ Triggers write every event into `mail.delivery_events` in the transaction of the
 describes (sql/00008_delivery_events.sql); intake and delivery never wait for this component.
 One instance publishes at a time: the one holding a session-level advisory lock on a connection
 of its own, through which it also reads and marks the outbox. The others try again every
-`lock_retry` seconds, so when the publisher dies (its connection closes, the lock goes with it)
-another one takes over within seconds.
+`lock_retry` seconds (±25%), so when the publisher dies (its connection closes, the lock goes
+with it) another one takes over within seconds.
 
 The active publisher reads the oldest unpublished events in outbox order, XADDs them in one
 round trip (each entry carries its stable `event_id`; see Stream.add_json_batch), then marks
 them published.
 Delivery is at least once: a crash between the XADD and the mark publishes the batch again with
 the same `event_id`s, which consumers dedupe. When Redis is down the batch is retried with a
-backoff while the events accumulate in the outbox; they drain in order when it returns.
+backoff (mailtrio.backoff) while the events accumulate in the outbox; they drain in order when it
+returns.
 
 Every instance, publishing or not, refreshes the outbox gauges (`mail.events.outbox.depth`,
 `mail.events.outbox.oldest_age_ms`) every few seconds.
@@ -30,6 +31,7 @@ from collections import Counter
 import trio
 
 from mailtrio import log, telemetry
+from mailtrio.backoff import Backoff
 from mailtrio.config import Settings
 from mailtrio.store import Database
 from mailtrio.store.events import OutboxConnection, outbox_gauges
@@ -41,9 +43,12 @@ _log = log.get("mailtrio.events")
 BATCH_SIZE = 500
 # Pause between outbox reads when the outbox is drained.
 POLL_INTERVAL = 0.2
-# How often an instance that is not the publisher tries to take over.
+# How often an instance that is not the publisher tries to take over (and, when PostgreSQL cannot
+# be reached, to connect again), jittered ±25% (mailtrio.backoff with a constant step) so that
+# instances started together do not poll in lockstep.
 LOCK_RETRY = 2.0
-# Backoff after a failure (Redis or PostgreSQL unreachable), doubling up to the maximum.
+# Backoff after a failed batch (Redis or PostgreSQL unreachable): mailtrio.backoff from the first
+# delay, doubling up to the cap.
 BACKOFF_MIN = 0.25
 BACKOFF_MAX = 5.0
 # The outbox gauges' refresh interval.
@@ -157,7 +162,8 @@ class Publisher:
 
     async def _publish_loop(self) -> None:
         failing = False
-        backoff = BACKOFF_MIN
+        backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX)
+        lock_poll = Backoff(self.lock_retry, self.lock_retry)
         while True:
             if not self.active:
                 if self._stopping.is_set():
@@ -169,11 +175,11 @@ class Publisher:
                     if not failing:
                         _log.warning("event publisher cannot reach PostgreSQL", error=_one_line(exc))
                     failing = True
-                    await self._pause(self.lock_retry)
+                    await self._pause(lock_poll.next())
                     continue
                 if not self.active:
                     # another instance publishes; keep the connection and try again later
-                    await self._pause(self.lock_retry)
+                    await self._pause(lock_poll.next())
                     continue
                 _log.info("event publisher active", instance_id=self.settings.instance_id, stream=self.key)
             # the final drain: a read that began after stop() was called found the outbox empty
@@ -187,8 +193,7 @@ class Publisher:
                 await self.stream.reset()
                 if self._stopping.is_set():
                     return
-                await self._pause(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                await self._pause(backoff.next())
                 continue
             except Exception as exc:
                 # PostgreSQL: the lock may be gone with the connection; give it up and start over
@@ -200,13 +205,12 @@ class Publisher:
                 await self.outbox.close()
                 if self._stopping.is_set():
                     return
-                await self._pause(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX)
+                await self._pause(backoff.next())
                 continue
             if failing:
                 _log.info("event publisher recovered")
                 failing = False
-                backoff = BACKOFF_MIN
+                backoff.reset()
             if n < self.batch_size:
                 if drained_if_short:
                     return

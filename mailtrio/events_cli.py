@@ -16,17 +16,60 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+_VARIABLES = """\
+variables:
+  MAIL_REDIS_MASTER_ADDR   host:port of Redis (required)
+  MAIL_REDIS_PASSWORD      Redis AUTH password, when it has one
+  MAIL_REDIS_DB            Redis database number (default 0)
+  MAIL_REDIS_EVENT_STREAM  the event stream (default {stream})"""
+
+_EVENTS_HELP = """\
+Delivery outcome events, as the service's event publisher writes them to MAIL_REDIS_EVENT_STREAM
+(README "Outcome events"; the AsyncAPI document describes every field).
+
+event types:
+  {types}
+
+{variables}
+
+exit codes:
+  0  done
+  1  Redis unreachable, or it refused the read
+  2  a variable is missing or invalid, or bad usage
+"""
+
+_TAIL_HELP = """\
+Print delivery outcome events as JSON lines (the stream entry ID as `id`, then every field in a
+fixed order), waiting for new ones until interrupted (Ctrl-C), --count events were printed or
+--timeout passed without one. Nothing is acknowledged or removed: any number of tails can run.
+
+event types:
+  {types}
+
+{variables}
+
+exit codes:
+  0  stopped: interrupted, --count reached or --timeout passed
+  1  Redis unreachable, or it refused the read (one line naming the stream and address)
+  2  a variable is missing or invalid, --from is not a stream entry ID, or bad usage
+"""
+
 
 def add_events_parser(subparsers: Any) -> None:
-    events = subparsers.add_parser("events", help="delivery outcome events")
+    from mailtrio.config import VARIABLES
+    from mailtrio.enums import EVENT_TYPES
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    text = {"types": ", ".join(EVENT_TYPES),
+            "variables": _VARIABLES.format(stream=VARIABLES["MAIL_REDIS_EVENT_STREAM"][1])}
+    events = subparsers.add_parser("events", help="delivery outcome events (Redis event stream)",
+                                   formatter_class=fmt, description=_EVENTS_HELP.format(**text))
     esub = events.add_subparsers(dest="events_command", required=True)
     tail = esub.add_parser(
         "tail",
         help="print the events of MAIL_REDIS_EVENT_STREAM as JSON lines",
-        description="Print delivery outcome events as JSON lines (the stream entry ID as `id`, then "
-                    "every field in a fixed order), waiting for new ones until interrupted. Reads "
-                    "MAIL_REDIS_MASTER_ADDR, "
-                    "MAIL_REDIS_PASSWORD, MAIL_REDIS_DB and MAIL_REDIS_EVENT_STREAM.",
+        formatter_class=fmt,
+        description=_TAIL_HELP.format(**text),
     )
     tail.add_argument("--from", dest="from_id", default="$", metavar="ID",
                       help="print entries after this stream entry ID (`0`: from the beginning; "

@@ -44,6 +44,8 @@ PROBE_INTERVAL = 1.0
 PROBE_TIMEOUT = 5.0
 # At startup, how long a lock held by someone else is retried before giving up.
 STARTUP_WAIT = 3.0
+STARTUP_POLL = 0.25
+# Re-acquiring a lost lock (mailtrio.backoff): about 0.2 s, doubling to about 2 s.
 RECONNECT_BACKOFF = (0.2, 2.0)
 
 
@@ -51,7 +53,7 @@ class IdentityConflict(Exception):
     """Another live process holds this MAIL_INSTANCE_ID."""
 
 
-def _describe(holder: dict[str, Any] | None) -> str:
+def describe_holder(holder: dict[str, Any] | None) -> str:
     if holder is None:
         return "another session"
     parts = [f"PostgreSQL backend pid {holder.get('pid')}"]
@@ -117,9 +119,12 @@ class InstanceIdentity:
             if trio.current_time() >= deadline:
                 raise StartupError(
                     f"MAIL_INSTANCE_ID {self.instance_id!r} is already in use by a live process "
-                    f"({_describe(holder)} holds its identity lock): every running instance needs "
+                    f"({describe_holder(holder)} holds its identity lock): every running instance needs "
                     "its own MAIL_INSTANCE_ID")
-            await trio.sleep(0.25)
+            # Not a retry after an error (an error ends start-up above): a short poll, bounded by
+            # STARTUP_WAIT, for a predecessor's session to vanish. A fixed step notices that
+            # soonest; backoff and jitter would only delay the start.
+            await trio.sleep(STARTUP_POLL)
 
     # -- keeping it ----------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -176,9 +181,9 @@ class InstanceIdentity:
                         _log.warning("could not terminate the previous session", error=_one_line(exc))
                 else:
                     message = (f"MAIL_INSTANCE_ID {self.instance_id!r} was taken by another live process "
-                               f"({_describe(holder)}) while this one's identity lock was lost; stopping")
+                               f"({describe_holder(holder)}) while this one's identity lock was lost; stopping")
                     _log.error("instance identity conflict", instance_id=self.instance_id,
-                               holder=_describe(holder))
+                               holder=describe_holder(holder))
                     raise IdentityConflict(message)
             await trio.sleep(delay)
             delay = backoff.next()

@@ -57,6 +57,7 @@ from mailtrio.backoff import Backoff
 from mailtrio.catalog import Catalog
 from mailtrio.commands import Command, Malformed, Outcome
 from mailtrio.config import Settings
+from mailtrio.enums import FailureCode
 from mailtrio.message import sender_domain
 from mailtrio.store import Conn, Database, TransientError
 from mailtrio.store import intake as store
@@ -506,7 +507,7 @@ class Consumer:
             _log.error("database refused a stream entry", stream_entry_id=only.stream_entry_id, error=_describe(exc))
             if isinstance(only, Command):
                 fallback = commands.conflict(only, detail, raw[only.stream_entry_id])
-                fallback = dataclasses.replace(fallback, failure_code="invalid_field")
+                fallback = dataclasses.replace(fallback, failure_code=FailureCode.INVALID_FIELD.value)
             else:
                 # the quarantine row itself was refused: keep what is certainly storable
                 fallback = dataclasses.replace(

@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from mailtrio.commands import SOURCES, Malformed, validate
+from mailtrio.enums import PayloadMode
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -74,7 +75,7 @@ def build_entry(args: argparse.Namespace) -> dict[str, str]:
         "delivery_id": delivery_id,
         "source": args.source,
         "idempotency_key": args.idempotency_key or f"enqueue:{delivery_id}",
-        "payload_mode": "template",
+        "payload_mode": PayloadMode.TEMPLATE.value,
         "locale": args.locale,
         "payload": json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
         "traceparent": new_traceparent(),

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mailtrio.enums import DeliveryStatus
+from mailtrio.enums import DeliveryStatus, RecipientStatus
 from mailtrio.providers.base import AttemptStatus, Phase, RecipientReply, Reply, SendReport
 
 SUPPRESS_RE = re.compile(r"(?i)suppress")
@@ -134,15 +134,9 @@ def dead_letter_reason(attempts: int, summary: str) -> str:
 
 # -- per-recipient outcomes ---------------------------------------------------------------------
 
-RCPT_ACCEPTED = "accepted"
-RCPT_DEFERRED = "deferred"
-RCPT_REJECTED = "rejected"
-RCPT_SUPPRESSED = "suppressed"
-RCPT_DEAD_LETTER = "dead_letter"
-# `pending` is never stored: the API shows it for a recipient not tried yet.
-RCPT_PENDING = "pending"
-RECIPIENT_STATUSES = (RCPT_PENDING, RCPT_ACCEPTED, RCPT_DEFERRED, RCPT_REJECTED, RCPT_SUPPRESSED, RCPT_DEAD_LETTER)
-_REFUSED = (RCPT_REJECTED, RCPT_SUPPRESSED)
+# The statuses are mailtrio.enums.RecipientStatus (`pending` is never stored: the API shows it for
+# a recipient not tried yet).
+_REFUSED = (RecipientStatus.REJECTED, RecipientStatus.SUPPRESSED)
 MAX_REASON = 1000
 
 
@@ -161,7 +155,7 @@ class RecipientOutcome:
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> RecipientOutcome:
-        return cls(str(value.get("email") or ""), str(value.get("status") or RCPT_DEFERRED),
+        return cls(str(value.get("email") or ""), str(value.get("status") or RecipientStatus.DEFERRED),
                    value.get("reply"), value.get("attempt_no"))
 
 
@@ -182,23 +176,23 @@ def pending_recipients(emails: Sequence[str], prior: Mapping[str, RecipientOutco
     out = []
     for email in emails:
         outcome = prior.get(email.lower())
-        if outcome is None or outcome.status in (RCPT_DEFERRED, RCPT_DEAD_LETTER):
+        if outcome is None or outcome.status in (RecipientStatus.DEFERRED, RecipientStatus.DEAD_LETTER):
             out.append(email)
     if not out:
         # Every recipient final while the delivery is not (an operator's retry of a delivery
         # whose refusals were kept): try again those not accepted.
-        out = [e for e in emails if (o := prior.get(e.lower())) is None or o.status != RCPT_ACCEPTED]
+        out = [e for e in emails if (o := prior.get(e.lower())) is None or o.status != RecipientStatus.ACCEPTED]
     return out
 
 
-def _status_of(status: AttemptStatus, *, suppressed: bool) -> str:
+def _status_of(status: AttemptStatus, *, suppressed: bool) -> RecipientStatus:
     if status == AttemptStatus.PROVIDER_ACCEPTED:
-        return RCPT_ACCEPTED
+        return RecipientStatus.ACCEPTED
     if status == AttemptStatus.SUPPRESSED:
-        return RCPT_SUPPRESSED
+        return RecipientStatus.SUPPRESSED
     if status == AttemptStatus.PROVIDER_REJECTED:
-        return RCPT_SUPPRESSED if suppressed else RCPT_REJECTED
-    return RCPT_DEFERRED
+        return RecipientStatus.SUPPRESSED if suppressed else RecipientStatus.REJECTED
+    return RecipientStatus.DEFERRED
 
 
 def attempt_results(report: SendReport, targets: Sequence[str], attempt_no: int) -> list[RecipientOutcome]:
@@ -213,7 +207,7 @@ def attempt_results(report: SendReport, targets: Sequence[str], attempt_no: int)
     if not replies or len(replies) != len(targets):
         return [RecipientOutcome(email, whole, report.summary, attempt_no) for email in targets]
     message_reply = report.reply.summary() if report.reply is not None else report.summary
-    if whole != RCPT_ACCEPTED:
+    if whole != RecipientStatus.ACCEPTED:
         message_reply = report.summary
     out = []
     for email, rr in zip(targets, replies, strict=True):
@@ -223,9 +217,9 @@ def attempt_results(report: SendReport, targets: Sequence[str], attempt_no: int)
             continue
         status = classify_reply(reply, Phase.RCPT)
         if status == AttemptStatus.PROVIDER_REJECTED:
-            rcpt_status = RCPT_SUPPRESSED if is_suppression(reply) else RCPT_REJECTED
+            rcpt_status = RecipientStatus.SUPPRESSED if is_suppression(reply) else RecipientStatus.REJECTED
         else:
-            rcpt_status = RCPT_DEFERRED
+            rcpt_status = RecipientStatus.DEFERRED
         out.append(RecipientOutcome(email, rcpt_status, reply.summary(), attempt_no))
     return out
 
@@ -263,25 +257,25 @@ def settle(
     merged = dict(prior)
     for outcome in attempt_results(report, targets, attempt_no):
         merged[outcome.email.lower()] = outcome
-    outcomes = [merged.get(e.lower()) or RecipientOutcome(e, RCPT_DEFERRED, None, None) for e in recipients]
-    deferred = [o for o in outcomes if o.status in (RCPT_DEFERRED, RCPT_DEAD_LETTER)]
-    accepted = [o for o in outcomes if o.status == RCPT_ACCEPTED]
+    outcomes = [merged.get(e.lower()) or RecipientOutcome(e, RecipientStatus.DEFERRED, None, None) for e in recipients]
+    deferred = [o for o in outcomes if o.status in (RecipientStatus.DEFERRED, RecipientStatus.DEAD_LETTER)]
+    accepted = [o for o in outcomes if o.status == RecipientStatus.ACCEPTED]
     if deferred:
         if ladder_step < len(ladder):
-            step = Step("rendered", float(ladder[ladder_step]), ladder_step + 1)
+            step = Step(DeliveryStatus.RENDERED, float(ladder[ladder_step]), ladder_step + 1)
             reason = recipients_reason(outcomes)
             return Settlement(step, reason, None, outcomes)
-        outcomes = [RecipientOutcome(o.email, RCPT_DEAD_LETTER, o.reply, o.attempt_no)
-                    if o.status == RCPT_DEFERRED else o for o in outcomes]
+        outcomes = [RecipientOutcome(o.email, RecipientStatus.DEAD_LETTER, o.reply, o.attempt_no)
+                    if o.status == RecipientStatus.DEFERRED else o for o in outcomes]
         reason = recipients_reason(outcomes)
-        step = Step("dead_letter", None, ladder_step, dead_letter=True)
+        step = Step(DeliveryStatus.DEAD_LETTER, None, ladder_step, dead_letter=True)
         return Settlement(step, reason, dead_letter_reason(attempt_no, reason), outcomes)
     if accepted:
         refused = len(accepted) < len(outcomes)
-        step = Step("sent", None, ladder_step)
+        step = Step(DeliveryStatus.SENT, None, ladder_step)
         return Settlement(step, recipients_reason(outcomes) if refused else None, None, outcomes)
-    suppressed = all(o.status == RCPT_SUPPRESSED for o in outcomes)
-    step = Step("suppressed" if suppressed else "failed", None, ladder_step)
+    suppressed = all(o.status == RecipientStatus.SUPPRESSED for o in outcomes)
+    step = Step(DeliveryStatus.SUPPRESSED if suppressed else DeliveryStatus.FAILED, None, ladder_step)
     return Settlement(step, recipients_reason(outcomes), None, outcomes)
 
 
@@ -289,7 +283,7 @@ def settle(
 def _sent_at_once(ladder_step: int) -> Settlement:
     """The common case (one recipient, accepted): nothing to store. Settlements are immutable,
     so one per ladder step is shared (this runs for nearly every delivery)."""
-    return Settlement(Step("sent", None, ladder_step), None, None, None)
+    return Settlement(Step(DeliveryStatus.SENT, None, ladder_step), None, None, None)
 
 
 def recipients_reason(outcomes: Sequence[RecipientOutcome]) -> str:
@@ -297,14 +291,14 @@ def recipients_reason(outcomes: Sequence[RecipientOutcome]) -> str:
 
     When no recipient was accepted and every one got the same reply, that reply alone (as for a
     delivery with one recipient)."""
-    accepted = sum(1 for o in outcomes if o.status == RCPT_ACCEPTED)
-    others = [o for o in outcomes if o.status != RCPT_ACCEPTED]
+    accepted = sum(1 for o in outcomes if o.status == RecipientStatus.ACCEPTED)
+    others = [o for o in outcomes if o.status != RecipientStatus.ACCEPTED]
     replies = {o.reply for o in others}
     if not accepted and len(replies) == 1:
         return (next(iter(replies)) or others[0].status)[:MAX_REASON]
     parts = [f"{accepted} of {len(outcomes)} recipients accepted"]
-    for label, statuses in (("deferred", (RCPT_DEFERRED,)), ("not delivered", (RCPT_DEAD_LETTER,)),
-                            ("refused", _REFUSED)):
+    for label, statuses in (("deferred", (RecipientStatus.DEFERRED,)),
+                            ("not delivered", (RecipientStatus.DEAD_LETTER,)), ("refused", _REFUSED)):
         group = [o for o in others if o.status in statuses]
         if group:
             parts.append(f"{label}: " + ", ".join(f"{o.email} ({o.reply})" for o in group))

@@ -47,6 +47,7 @@ import trio
 from mailtrio import bridge, log, shutdown, telemetry
 from mailtrio.backoff import Backoff
 from mailtrio.config import Settings
+from mailtrio.enums import AttemptStatus, DeliveryStatus
 from mailtrio.store import Conn, Database, close_quietly
 from mailtrio.store import engine as store
 from mailtrio.workers import LEASE_MARGIN, MIN_SEND_SECONDS, Job, Prepared, WorkerPool, release
@@ -334,8 +335,8 @@ class Scheduler:
     def _rescued(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Count and report rescued deliveries; returns those dead-lettered."""
         self.rescued += len(rows)
-        telemetry.attempt_outcomes.add(len(rows), {"status": "interrupted"})
-        dead = [r for r in rows if r.get("status") == "dead_letter"]
+        telemetry.attempt_outcomes.add(len(rows), {"status": str(AttemptStatus.INTERRUPTED)})
+        dead = [r for r in rows if r.get("status") == DeliveryStatus.DEAD_LETTER]
         if dead:
             telemetry.dead_letters.add(len(dead))
             _log.warning(

@@ -82,6 +82,9 @@ class Stream:
             socket_timeout=None,
             health_check_interval=0,
             client_name=f"mailtrio:{settings.instance_id}",
+            # No retry inside redis-py: a failed call surfaces at once, and the loop that made it
+            # (the command consumer, the event publisher) resets the client and retries with
+            # mailtrio.backoff, the one backoff of every retry loop.
             retry=Retry(NoBackoff(), 0),
             # RESP2: stream replies map straight to redis-py's shapes (no RESP3 conversion)
             protocol=2,
@@ -287,7 +290,11 @@ def tail_entries(
     """Yield the entries of `stream` after entry ID `after` (`$`: only entries added from now on),
     waiting for new ones with blocking XREADs of at most `block` seconds, with a synchronous
     client (the `mailtrio events tail` helper). Fields are decoded as UTF-8. With `idle_marker`,
-    a read that found nothing yields `(None, {})`. Runs until the caller stops iterating."""
+    a read that found nothing yields `(None, {})`. Runs until the caller stops iterating.
+
+    A lost connection is retried by redis-py's default retry (a few tries within about 5 s, its
+    own jittered exponential backoff) before StreamError ends the command: a one-shot CLI client,
+    not a loop of the service, so mailtrio.backoff is not involved."""
     client = redis.Redis(
         host=host,
         port=port,

@@ -171,6 +171,10 @@ def _otlp_protocol(env: Mapping[str, str], kind: str) -> str:
     ).strip()
 
 
+# The OTLP exporters retry a failed export themselves (exponential with their own ±20% jitter,
+# within the export timeout, OTEL_EXPORTER_OTLP_TIMEOUT), on the SDK's export threads: no loop of
+# mailtrio's, so mailtrio.backoff has no part in it; their retries never hold the service, and at
+# exit the flush is bounded (cli.TELEMETRY_FLUSH_BOUND).
 def _span_exporter(name: str, env: Mapping[str, str]) -> SpanExporter:
     if name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter

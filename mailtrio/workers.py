@@ -61,6 +61,7 @@ from mailtrio import log, message, retry, shutdown, telemetry
 from mailtrio.backoff import Backoff
 from mailtrio.catalog import Catalog, RenderError
 from mailtrio.config import Settings, format_duration
+from mailtrio.enums import DeliveryStatus, PayloadMode
 from mailtrio.providers.base import AttemptStatus, Envelope, Phase, Provider, SendReport, Session
 from mailtrio.store import Database, TransientError
 from mailtrio.store import engine as store
@@ -144,7 +145,7 @@ def prepare(
             headers=headers,
             locale=claim.resolved_locale or claim.locale,
         )
-    elif claim.payload_mode == "template":
+    elif claim.payload_mode == PayloadMode.TEMPLATE:
         variables = payload.get("variables") or {}
         if not isinstance(variables, dict):
             raise RenderError("variables must be an object")
@@ -501,7 +502,7 @@ class WorkerPool:
         """A claimed row that cannot be decoded: it fails alone."""
         reason = f"decode_failed: the stored delivery cannot be decoded: {describe(bad.error)}"[:1000]
         _log.error("attempt crashed", delivery_id=bad.delivery_id, source=bad.source, phase="decode",
-                   delivery_status="failed", error=describe(bad.error), exc_info=bad.error)
+                   delivery_status=DeliveryStatus.FAILED, error=describe(bad.error), exc_info=bad.error)
         return failed_unsent(bad, reason)
 
     def _prepare_crashed(self, claim: store.Claim, exc: Exception) -> store.Finish:
@@ -509,7 +510,7 @@ class WorkerPool:
         if is_deterministic(exc):
             reason = f"render_failed: {describe(exc)}"[:1000]
             _log.error("attempt crashed", delivery_id=claim.delivery_id, source=claim.source, phase="render",
-                       delivery_status="failed", error=describe(exc), exc_info=exc)
+                       delivery_status=DeliveryStatus.FAILED, error=describe(exc), exc_info=exc)
             return failed_unsent(claim, reason)
         report = _crash_report(exc, Phase.BUILD, "render")
         finish = self._finish_for(claim, report, elapsed_ms=0, resolved_locale=None)
@@ -647,11 +648,11 @@ class WorkerPool:
             return _crash_report(exc, Phase.BUILD if stage == "build" else Phase.MESSAGE, stage)
         reason = f"{stage}_failed: the message cannot be {'built' if stage == 'build' else 'sent'}: {describe(exc)}"
         _log.error("attempt crashed", delivery_id=claim.delivery_id, source=claim.source, phase=stage,
-                   delivery_status="failed", error=describe(exc), exc_info=exc)
+                   delivery_status=DeliveryStatus.FAILED, error=describe(exc), exc_info=exc)
         finish = store.Finish(
             delivery_id=claim.delivery_id,
             lease_started_at=claim.lease_started_at,
-            status="failed",
+            status=DeliveryStatus.FAILED,
             status_reason=reason[:1000],
             attempt_status=None,
             elapsed_ms=_elapsed_ms(job),
@@ -661,7 +662,7 @@ class WorkerPool:
             ladder_step=claim.ladder_step,
             resolved_locale=job.content.locale,
         )
-        job.span.set_attribute("mail.delivery_status", "failed")
+        job.span.set_attribute("mail.delivery_status", str(DeliveryStatus.FAILED))
         await self.recorder.finish(finish)
         return None
 
@@ -779,14 +780,14 @@ class WorkerPool:
             "attempt_status": str(report.status),
             "provider_summary": report.summary,
         }
-        if step.delivery_status == "sent":
+        if step.delivery_status == DeliveryStatus.SENT:
             _log.debug("delivery sent", **fields)
-        elif step.delivery_status == "rendered":
+        elif step.delivery_status == DeliveryStatus.RENDERED:
             _log.info("attempt failed, retry scheduled", retry_in_s=step.retry_delay,
                       ladder_step=step.ladder_step, **fields)
         elif step.dead_letter:
             _log.warning("delivery dead-lettered: retry ladder exhausted", **fields)
-        elif step.delivery_status == "suppressed":
+        elif step.delivery_status == DeliveryStatus.SUPPRESSED:
             _log.info("delivery suppressed", **fields)
         else:
             _log.warning("delivery failed", **fields)
@@ -799,9 +800,9 @@ class WorkerPool:
             if not ok:
                 return
             telemetry.attempt_outcomes.add(1, {"status": status})
-            if delivery_status == "dead_letter":
+            if delivery_status == DeliveryStatus.DEAD_LETTER:
                 telemetry.dead_letters.add(1)
-            elif delivery_status == "suppressed":
+            elif delivery_status == DeliveryStatus.SUPPRESSED:
                 telemetry.suppressed.add(1)
             if delay is not None and self.on_retry_scheduled is not None:
                 self.on_retry_scheduled(delay)
@@ -835,7 +836,7 @@ class WorkerPool:
                 return
             if claim.delivery_id in done:
                 telemetry.attempt_outcomes.add(1, {"status": str(AttemptStatus.INTERRUPTED)})
-                if finish.status == "dead_letter":
+                if finish.status == DeliveryStatus.DEAD_LETTER:
                     telemetry.dead_letters.add(1)
                     _log.warning("delivery dead-lettered: repeatedly interrupted", delivery_id=claim.delivery_id,
                                  interrupted=claim.interrupted_streak + 1)
@@ -908,7 +909,7 @@ def interrupted_finish(
     return store.Finish(
         delivery_id=claim.delivery_id,
         lease_started_at=claim.lease_started_at,
-        status="dead_letter" if dead else "rendered",
+        status=DeliveryStatus.DEAD_LETTER if dead else DeliveryStatus.RENDERED,
         status_reason=reason,
         attempt_status=str(AttemptStatus.INTERRUPTED),
         elapsed_ms=elapsed_ms,
@@ -937,7 +938,7 @@ def failed_unsent(claim: store.Claim | store.Undecodable, reason: str) -> store.
     return store.Finish(
         delivery_id=claim.delivery_id,
         lease_started_at=claim.lease_started_at,
-        status="failed",
+        status=DeliveryStatus.FAILED,
         status_reason=reason,
         attempt_status=None,
         elapsed_ms=0,
@@ -953,7 +954,7 @@ def release(claim: store.Claim, resolved_locale: str | None = None) -> store.Fin
     return store.Finish(
         delivery_id=claim.delivery_id,
         lease_started_at=claim.lease_started_at,
-        status="rendered",
+        status=DeliveryStatus.RENDERED,
         status_reason=None,
         attempt_status=None,
         elapsed_ms=0,

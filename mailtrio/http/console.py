@@ -40,6 +40,7 @@ from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
 from mailtrio import log
+from mailtrio.enums import WAITING_STATUSES, DeliveryStatus
 from mailtrio.http import params
 from mailtrio.http.errors import ApiError
 from mailtrio.http.routes import _bounded, _db
@@ -53,8 +54,9 @@ MAX_BULK = 500
 WRONG_TOKEN_DELAY = 0.5
 REFRESH_CHOICES = ("10", "30", "60")  # seconds between reloads of the overview, when asked
 ACTIONS = {
-    "retry": ("Retry", "back on the schedule, due now, with a fresh retry ladder", ("failed", "dead_letter")),
-    "cancel": ("Cancel", "marked cancelled; it will never be sent", ("queued", "rendered")),
+    "retry": ("Retry", "back on the schedule, due now, with a fresh retry ladder",
+              (DeliveryStatus.FAILED.value, DeliveryStatus.DEAD_LETTER.value)),
+    "cancel": ("Cancel", "marked cancelled; it will never be sent", WAITING_STATUSES),
 }
 NOTICES = {"retry": "Retried: the delivery is back on the schedule.", "cancel": "Cancelled."}
 
@@ -68,8 +70,9 @@ CONTENT_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; fo
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".svg": "image/svg+xml"}
 _NEXT_RE = re.compile(r"/console(/[A-Za-z0-9._:/-]*)?(\?[^\s#]*)?")
-_STATUS_COLORS = {"sent": "#2e7d32", "suppressed": "#8d6e63", "failed": "#c62828", "dead_letter": "#6a1b9a",
-                  "cancelled": "#757575"}
+_STATUS_COLORS: dict[str, str] = {DeliveryStatus.SENT: "#2e7d32", DeliveryStatus.SUPPRESSED: "#8d6e63",
+                  DeliveryStatus.FAILED: "#c62828", DeliveryStatus.DEAD_LETTER: "#6a1b9a",
+                  DeliveryStatus.CANCELLED: "#757575"}
 
 _log = log.get("mailtrio.http.console")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailtrio import __version__, enums, retry
+from mailtrio import __version__, enums
 from mailtrio.http import params
 from mailtrio.http.errors import STATUS_BY_CODE
 
@@ -89,7 +89,7 @@ def _schemas() -> dict[str, Any]:
     })
     recipient_outcome = _obj({
         "email": _STR,
-        "status": {"type": "string", "enum": list(retry.RECIPIENT_STATUSES),
+        "status": {"type": "string", "enum": list(enums.RECIPIENT_STATUSES),
                    "description": "`pending`: not tried yet; `accepted`: RCPT and message accepted; "
                                   "`deferred`: refused for now (4xx), retried on the ladder; `rejected` "
                                   "and `suppressed`: refused for good (5xx); `dead_letter`: still "

@@ -2,7 +2,9 @@
 
 Steps, in start-up order: configuration (every variable), Redis (PING), PostgreSQL (connect,
 schema `mail`, open the pool), migrations (applied and pending, goose's view; nothing is applied),
-the template catalog (parse all), the internal HTTP listener's address (bound and released; in
+the instance identity (is MAIL_INSTANCE_ID's identity lock held by a live process? Read, never
+taken; held is reported, not failed: the running instance being replaced holds it), the template
+catalog (parse all), the internal HTTP listener's address (bound and released; in
 use is reported, not failed: the running instance being replaced holds it), and in smtp mode an
 SMTP probe with the service's own client: connect, EHLO, STARTTLS or implicit TLS as configured,
 AUTH when credentials are set, QUIT; no mail is sent. One line per step; the exit code is 0 when
@@ -55,7 +57,7 @@ async def check(env: Mapping[str, str]) -> list[Step]:
     except (ConfigError, ValueError) as exc:
         return [Step("configuration", "failed", str(exc))] + [
             Step(name, "skipped", "needs a valid configuration")
-            for name in ("redis", "postgres", "migrations", "templates", "listener", "smtp")
+            for name in ("redis", "postgres", "migrations", "identity", "templates", "listener", "smtp")
         ]
     steps = [Step("configuration", "ok", f"{settings.smtp_mode} mode, API on "
                   f"{settings.http_host}:{settings.http_port}"
@@ -66,8 +68,10 @@ async def check(env: Mapping[str, str]) -> list[Step]:
         steps.append(postgres)
         if postgres.result == "ok":
             steps.append(await _step("migrations", lambda: _migrations(settings)))
+            steps.append(await _step("identity", lambda: _identity(settings)))
         else:
             steps.append(Step("migrations", "skipped", "needs PostgreSQL"))
+            steps.append(Step("identity", "skipped", "needs PostgreSQL"))
     steps.append(await _step("templates", lambda: _catalog(settings)))
     steps.append(await _step("listener", lambda: _listener(settings)))
     if settings.smtp_mode == "smtp":
@@ -130,6 +134,30 @@ async def _migrations(settings: Any) -> str:
         text += (f"; the database also has version(s) {', '.join(map(str, status.unknown_applied))} "
                  "that this build does not embed (a newer release migrated it)")
     return text
+
+
+async def _identity(settings: Any) -> str:
+    """Who holds MAIL_INSTANCE_ID's identity lock now (mailtrio.identity). Only read: taking it,
+    even for a moment, could make a starting instance wait or fail. Held is not a failure: during
+    a deploy the instance being replaced holds it until it stops (serve waits a few seconds for a
+    predecessor to let go); any other holder means two instances share one id, which serve
+    refuses."""
+    from mailtrio import bridge
+    from mailtrio.identity import describe_holder
+    from mailtrio.store import Database, close_quietly
+    from mailtrio.store import engine as store_engine
+
+    db = Database(settings.postgres_dsn, 1, application_name=f"mailtrio-check:{settings.instance_id}")
+    conn = await db.connect_direct(within=STEP_TIMEOUT / 2)
+    try:
+        holder = await bridge.call(store_engine.identity_holder, conn, instance_id=settings.instance_id)
+    finally:
+        await close_quietly(conn)
+    name = f"MAIL_INSTANCE_ID {settings.instance_id!r}"
+    if holder is None:
+        return f"{name} is free"
+    return (f"{name} is held by a live process now ({describe_holder(holder)}): serve needs it free "
+            "(the instance a deploy replaces lets it go when it stops; another one needs its own id)")
 
 
 async def _catalog(settings: Any) -> str:

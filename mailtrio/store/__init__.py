@@ -9,8 +9,8 @@ abandoned at once: the connection is closed rather than asking the server to can
 waiting for the answer (psycopg's default, up to 5 s + 5 s against a stalled server); the pool
 replaces it. Every connection has a connect timeout, TCP keepalives and `tcp_user_timeout`, so a
 silent network failure surfaces as an error (the LISTEN connection included), and the pool's
-reconnect backoff is capped at RECONNECT_MAX_DELAY, so after an outage of any length the pool
-is back within seconds of PostgreSQL.
+reconnect backoff (mailtrio.backoff, jittered) never waits more than RECONNECT_MAX_DELAY, so after
+an outage of any length the pool is back within seconds of PostgreSQL.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from psycopg.rows import dict_row
 from psycopg_pool.base import AttemptWithBackoff
 
 from mailtrio import bridge
+from mailtrio.backoff import Backoff
 from mailtrio.store import migrations
 from mailtrio.store.migrations import Migration
 from mailtrio.store.queries import q
@@ -64,19 +65,36 @@ CONNECTION_OPTIONS: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 20000,
 }
-# The pool's reconnect attempts back off exponentially from 1 s up to this cap (psycopg_pool's
-# own backoff doubles without a cap until `reconnect_timeout`).
+# The pool's reconnect attempts (and its checks of a connection that failed one) back off with
+# mailtrio.backoff from about RECONNECT_BACKOFF[0] up to RECONNECT_MAX_DELAY at most, jitter
+# included: after an outage of any length the pool is back within ~2 s of PostgreSQL.
 RECONNECT_MAX_DELAY = 2.0
+RECONNECT_BACKOFF = (0.8, RECONNECT_MAX_DELAY / 1.25)  # 0.6-1 s, then 1.2-2 s
 
 
-class _CappedBackoff(AttemptWithBackoff):
+class _PoolBackoff(AttemptWithBackoff):
+    """psycopg_pool's attempt state with its delays drawn from mailtrio.backoff.
+
+    psycopg_pool has no setting for its backoff (its own starts at 1 s ±10% and doubles without a
+    cap until `reconnect_timeout`; the `reconnect_failed` callback runs only once that is spent),
+    and its pool builds every attempt from the module attribute `AttemptWithBackoff`: this class
+    replaces it. The give-up time (`reconnect_timeout`, or a `connection()` timeout) is kept."""
+
+    def __init__(self, *, timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        self._backoff = Backoff(*RECONNECT_BACKOFF)
+        self._started = False
+
     def update_delay(self, now: float) -> None:
-        super().update_delay(now)
-        self.delay = min(self.delay, RECONNECT_MAX_DELAY)
+        if not self._started:
+            self._started = True
+            self.give_up_at = now + self.timeout
+        self.delay = self._backoff.next()
+        if self.delay + now > self.give_up_at:
+            self.delay = max(0.0, self.give_up_at - now)
 
 
-# psycopg_pool has no setting for the cap; its pool builds attempts from this module attribute.
-psycopg_pool.pool_async.AttemptWithBackoff = _CappedBackoff  # type: ignore[misc]
+psycopg_pool.pool_async.AttemptWithBackoff = _PoolBackoff  # type: ignore[misc]
 
 
 class AbandoningConnection(psycopg.AsyncConnection[Any]):

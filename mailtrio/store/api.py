@@ -18,7 +18,10 @@ from mailtrio.enums import (
     FAILURE_CODES,
     PAYLOAD_MODES,
     SOURCES,
+    TERMINAL_STATUSES,
     WAITING_STATUSES,
+    DeliveryStatus,
+    RecipientStatus,
 )
 from mailtrio.store import Conn, Database
 from mailtrio.store.queries import q
@@ -44,8 +47,13 @@ def _recipients_json(value: dict[str, Any] | None) -> dict[str, list[Any]]:
 
 # A delivery's status as the outcome of each of its recipients, when none was stored (one
 # recipient, or not tried yet).
-_RECIPIENT_STATUS_OF = {"sent": "accepted", "suppressed": "suppressed", "failed": "rejected",
-                        "dead_letter": "dead_letter"}
+_RECIPIENT_STATUS_OF = {
+    DeliveryStatus.SENT: RecipientStatus.ACCEPTED,
+    DeliveryStatus.SUPPRESSED: RecipientStatus.SUPPRESSED,
+    DeliveryStatus.FAILED: RecipientStatus.REJECTED,
+    DeliveryStatus.DEAD_LETTER: RecipientStatus.DEAD_LETTER,
+}
+_NOT_FINAL = (DeliveryStatus.QUEUED, DeliveryStatus.RENDERED, DeliveryStatus.SENDING)
 
 
 def recipient_outcomes_json(row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -59,11 +67,11 @@ def recipient_outcomes_json(row: dict[str, Any]) -> list[dict[str, Any]]:
              "attempt_no": o.get("attempt_no")}
             for o in stored
         ]
-    status = _RECIPIENT_STATUS_OF.get(row["status"], "pending")
-    if status == "pending" and row["status"] in ("queued", "rendered", "sending") and row["attempt_count"]:
-        status = "deferred"
-    tried = status != "pending"
-    reply = row["status_reason"] if tried and status != "accepted" else None
+    status = _RECIPIENT_STATUS_OF.get(row["status"], RecipientStatus.PENDING)
+    if status == RecipientStatus.PENDING and row["status"] in _NOT_FINAL and row["attempt_count"]:
+        status = RecipientStatus.DEFERRED
+    tried = status != RecipientStatus.PENDING
+    reply = row["status_reason"] if tried and status != RecipientStatus.ACCEPTED else None
     recipients = row["recipients"] or {}
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -73,7 +81,7 @@ def recipient_outcomes_json(row: dict[str, Any]) -> list[dict[str, Any]]:
             if not isinstance(email, str) or email.lower() in seen:
                 continue
             seen.add(email.lower())
-            out.append({"email": email, "status": status, "reply": reply,
+            out.append({"email": email, "status": status.value, "reply": reply,
                         "attempt_no": row["attempt_count"] if tried and row["attempt_count"] else None})
     return out
 
@@ -359,7 +367,7 @@ async def schedule_gauges(db: Database) -> tuple[int, int]:
     return await db.run(_gauges)
 
 
-FINAL_STATUSES = ("sent", "suppressed", "failed", "dead_letter", "cancelled")
+FINAL_STATUSES = TERMINAL_STATUSES
 
 
 async def activity(db: Database, *, minutes: int) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -121,6 +122,23 @@ def test_tail_reports_configuration_errors() -> None:
     done = subprocess.run([sys.executable, "-m", "mailtrio", "events", "tail"], env=env, capture_output=True,
                           text=True, timeout=30, cwd=str(ROOT))
     assert done.returncode == 2 and "MAIL_REDIS_MASTER_ADDR" in done.stderr
+    bad_from = subprocess.run([sys.executable, "-m", "mailtrio", "events", "tail", "--from", "latest"],
+                              env={**env, "MAIL_REDIS_MASTER_ADDR": "127.0.0.1:6379"}, capture_output=True,
+                              text=True, timeout=30, cwd=str(ROOT))
+    assert bad_from.returncode == 2 and "--from" in bad_from.stderr
+
+
+def test_tail_exits_1_when_redis_is_unreachable() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAIL_")}
+    env.update(MAIL_REDIS_MASTER_ADDR=f"127.0.0.1:{port}", MAIL_REDIS_EVENT_STREAM="mail:tail-down")
+    done = subprocess.run([sys.executable, "-m", "mailtrio", "events", "tail", "--timeout", "5"], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert done.returncode == 1, done
+    assert done.stdout == "" and len(done.stderr.splitlines()) == 1
+    assert "'mail:tail-down'" in done.stderr and f"127.0.0.1:{port}" in done.stderr
 
 
 def test_tail_from_now_prints_only_new_events(redis_client: redis.Redis, stream_key: str) -> None:

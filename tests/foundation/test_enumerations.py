@@ -30,6 +30,7 @@ COLUMNS = {
     ("attempts", "status"): enums.ATTEMPT_STATUSES,
     ("idempotency_reservations", "source"): enums.SOURCES,
     ("malformed_commands", "failure_code"): enums.FAILURE_CODES,
+    ("delivery_events", "event"): enums.EVENT_TYPES,
 }
 
 
@@ -54,9 +55,12 @@ def test_check_constraints_list_the_enumerations(database: str) -> None:
     found = _check_values(database)
     for key, values in COLUMNS.items():
         assert found.get(key) == values, key
-    # no other enumerated column escaped the list (the outcome events' own enumeration, from
-    # mailtrio's event publisher, is not yet in mailtrio.enums)
-    assert set(found) - set(COLUMNS) <= {("delivery_events", "event")}
+    # no other enumerated column escaped the list
+    assert set(found) == set(COLUMNS)
+    # a final status change is the event of that name (sql/00008_delivery_events.sql)
+    assert set(enums.TERMINAL_STATUSES) <= set(enums.EVENT_TYPES)
+    assert set(enums.WAITING_STATUSES) | set(enums.TERMINAL_STATUSES) | {enums.DeliveryStatus.SENDING} == set(
+        enums.DELIVERY_STATUSES)
 
 
 def _enums_in(node: Any) -> list[tuple[str, ...]]:
@@ -75,9 +79,11 @@ def _enums_in(node: Any) -> list[tuple[str, ...]]:
 def test_openapi_uses_the_enumerations() -> None:
     found = set(_enums_in(openapi.document("/api/v1/internal", bearer=True)))
     expected = {enums.DELIVERY_STATUSES, enums.ATTEMPT_STATUSES, enums.SOURCES, enums.PAYLOAD_MODES,
-                enums.FAILURE_CODES, tuple(STATUS_BY_CODE)}  # the last: the API's own error codes
-    # per-recipient outcomes (from the outcome-events work) are not yet in mailtrio.enums
-    assert expected <= found and len(found - expected) <= 1
+                enums.FAILURE_CODES, enums.RECIPIENT_STATUSES,
+                tuple(STATUS_BY_CODE)}  # the last: the API's own error codes
+    assert found == expected
+    outcome = openapi.document("/api/v1/internal", bearer=True)["components"]["schemas"]["RecipientOutcome"]
+    assert tuple(outcome["properties"]["status"]["enum"]) == enums.RECIPIENT_STATUSES
 
 
 def test_asyncapi_and_validation_use_the_enumerations() -> None:
@@ -85,6 +91,14 @@ def test_asyncapi_and_validation_use_the_enumerations() -> None:
     entry = doc["components"]["schemas"]["DeliveryCommandEntry"]["properties"]
     assert tuple(entry["source"]["enum"]) == enums.SOURCES
     assert tuple(entry["payload_mode"]["enum"]) == enums.PAYLOAD_MODES
+    event = doc["components"]["schemas"]["DeliveryEventEntry"]["properties"]
+    assert tuple(event["event"]["enum"]) == enums.EVENT_TYPES
+    # the status after a change that makes an event: any but `sending` (a claim makes none)
+    assert tuple(event["status"]["enum"]) == tuple(s for s in enums.DELIVERY_STATUSES
+                                                   if s != enums.DeliveryStatus.SENDING)
+    assert tuple(event["attempt_status"]["enum"]) == enums.ATTEMPT_STATUSES
+    # no other enumeration in the document
+    assert len(_enums_in(doc)) == 5
     message = next(m for m in doc["components"]["messages"].values() if "x-failure-codes" in m)
     assert {item["code"] for item in message["x-failure-codes"]} == set(enums.FAILURE_CODES)
     assert tuple(commands.SOURCES) == enums.SOURCES and tuple(commands.FAILURE_CODES) == enums.FAILURE_CODES
@@ -131,3 +145,29 @@ def test_backoff_grows_with_jitter_within_bounds_and_resets() -> None:
     assert Backoff(1.0, 4.0, jitter=0).next() == 1.0
     with pytest.raises(ValueError):
         Backoff(0, 1)
+    bounded = Backoff(0.1, 2.0, rng=random.Random(3))
+    assert bounded.longest == 2.5 and max(bounded.next() for _ in range(200)) <= bounded.longest
+
+
+def test_the_pool_reconnects_with_the_one_backoff_within_2s() -> None:
+    """psycopg_pool's reconnect attempts take their delays from mailtrio.backoff: jittered, never
+    more than RECONNECT_MAX_DELAY (outages heal within seconds of PostgreSQL's return), and the
+    pool's give-up time is kept."""
+    import psycopg_pool.pool_async
+
+    from mailtrio import store
+
+    assert Backoff(*store.RECONNECT_BACKOFF).longest <= store.RECONNECT_MAX_DELAY == 2.0
+    make = psycopg_pool.pool_async.AttemptWithBackoff
+    attempt = make(timeout=3600.0)
+    delays = []
+    for now in range(100):
+        attempt.update_delay(float(now))
+        delays.append(attempt.delay)
+    assert 0.6 <= delays[0] <= 1.0
+    assert all(1.2 <= d <= store.RECONNECT_MAX_DELAY for d in delays[1:])
+    assert len({round(d, 6) for d in delays[1:]}) > 50  # jittered: instances do not retry in lockstep
+    short = make(timeout=1.5)
+    short.update_delay(100.0)
+    short.update_delay(101.0)
+    assert short.delay <= 0.5 and not short.time_to_give_up(101.0) and short.time_to_give_up(101.5)

@@ -16,6 +16,7 @@ import pytest
 from mailtrio.store import migrations
 from tests.engine.conftest import SMTP_PASSWORD, SMTP_USER, smtp_env
 from tests.foundation.conftest import Completed, closed_addr, run_cli
+from tests.support.serve import ServeProcess
 from tests.support.smtpserver import SmtpTestServer
 
 
@@ -47,8 +48,10 @@ def test_healthy_stub_setup(service_env: dict[str, str]) -> None:
     done = run_cli(["check"], service_env)
     assert done.code == 0, done
     found = steps(done)
-    assert list(found) == ["configuration", "redis", "postgres", "migrations", "templates", "listener", "smtp"]
-    assert [r for r, _ in found.values()] == ["ok", "ok", "ok", "ok", "ok", "ok", "skipped"]
+    assert list(found) == ["configuration", "redis", "postgres", "migrations", "identity", "templates", "listener",
+                           "smtp"]
+    assert [r for r, _ in found.values()] == ["ok", "ok", "ok", "ok", "ok", "ok", "ok", "skipped"]
+    assert found["identity"][1] == f"MAIL_INSTANCE_ID {service_env['MAIL_INSTANCE_ID']!r} is free"
     assert found["listener"][1] == f"{service_env['MAIL_INTERNAL_HTTP_ADDR']} can be bound"
     assert found["redis"][1] == f"{service_env['MAIL_REDIS_MASTER_ADDR']} answered PING"
     count = len(migrations.load())
@@ -69,8 +72,9 @@ def test_broken_redis_schema_and_catalog(service_env: dict[str, str], schemaless
     assert found["redis"][0] == "failed" and "cannot reach the Redis master" in found["redis"][1]
     assert found["postgres"][0] == "failed" and "schema 'mail' does not exist" in found["postgres"][1]
     assert found["migrations"] == ("skipped", "needs PostgreSQL")
+    assert found["identity"] == ("skipped", "needs PostgreSQL")
     assert found["templates"][0] == "failed" and f"{bad_file}:3" in found["templates"][1]
-    assert len(done.stdout.splitlines()) == 7
+    assert len(done.stdout.splitlines()) == 8
 
 
 def test_pending_migrations_are_reported_not_applied(service_env: dict[str, str], empty_database: str) -> None:
@@ -94,6 +98,25 @@ def test_listener_address(service_env: dict[str, str]) -> None:
                                    MAIL_REDIS_MASTER_ADDR=closed_addr()))
     result, detail = steps(done)["listener"]
     assert result == "failed" and "Cannot assign requested address" in detail, detail
+
+
+def test_a_running_instance_is_reported_not_failed(service_env: dict[str, str]) -> None:
+    """The deploy check while the instance it replaces runs: its identity lock and its listener are
+    reported as held, and the check still passes; check never takes the lock itself."""
+    instance = service_env["MAIL_INSTANCE_ID"]
+    with ServeProcess(service_env) as proc:
+        proc.wait_ready()
+        done = run_cli(["check"], service_env)
+        assert done.code == 0, done
+        result, detail = steps(done)["identity"]
+        assert result == "ok", detail
+        assert detail.startswith(f"MAIL_INSTANCE_ID {instance!r} is held by a live process now (PostgreSQL "
+                                 "backend pid "), detail
+        assert f"application_name 'mailtrio:{instance}'" in detail and "serve needs it free" in detail
+        assert steps(done)["listener"][1].endswith("is in use now (by a running instance?): serve needs it free")
+        assert proc.proc.poll() is None  # the service kept its identity and runs on
+        assert proc.stop() == 0
+    assert steps(run_cli(["check"], service_env))["identity"] == ("ok", f"MAIL_INSTANCE_ID {instance!r} is free")
 
 
 def test_configuration_error(service_env: dict[str, str]) -> None:
