@@ -1,16 +1,19 @@
 """The only package that imports psycopg.
 
-`Database` owns an asyncio `AsyncConnectionPool` living on the trio-asyncio loop. Store code is
-written as asyncio coroutines taking a connection; Trio callers run them with `Database.run`,
-which checks a connection out of the pool, runs the unit of work and returns its result.
+`Database` owns a pool of psycopg connections driven from Trio directly (`store.native`: psycopg's
+asyncio path through trio-asyncio costs several times the CPU per statement). Store code is
+written as coroutines taking a connection; Trio callers run them with `Database.run`, which
+checks a connection out of the pool, runs the unit of work and returns its result. Connections
+made outside the pool (`connect_direct`: advisory locks, LISTEN) work from Trio and, through
+the asyncio bridge, from asyncio alike.
 
 Hard bounds: a unit of work cancelled from Trio (its deadline passed, or the shutdown's) is
 abandoned at once: the connection is closed rather than asking the server to cancel the query and
-waiting for the answer (psycopg's default, up to 5 s + 5 s against a stalled server); the pool
-replaces it. Every connection has a connect timeout, TCP keepalives and `tcp_user_timeout`, so a
-silent network failure surfaces as an error (the LISTEN connection included), and the pool's
-reconnect backoff (mailtrio.backoff, jittered) never waits more than RECONNECT_MAX_DELAY, so after
-an outage of any length the pool is back within seconds of PostgreSQL.
+waiting for the answer (psycopg's default, up to 5 s + 5 s against a stalled server); the next
+unit opens a new one. Every connection has a connect timeout, TCP keepalives and
+`tcp_user_timeout`, so a silent network failure surfaces as an error (the LISTEN connection
+included). Connections are made on demand, so after an outage of any length the pool is back as
+soon as PostgreSQL is (the callers retry with their own capped backoff).
 """
 
 from __future__ import annotations
@@ -23,17 +26,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
-import psycopg_pool
-import psycopg_pool.pool_async
 import trio
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg_pool.base import AttemptWithBackoff
 
 from mailtrio import bridge
-from mailtrio.backoff import Backoff
 from mailtrio.store import migrations
 from mailtrio.store.migrations import Migration
+from mailtrio.store.native import PoolTimeout, TrioConnection, TrioPool
 from mailtrio.store.queries import q
 
 T = TypeVar("T")
@@ -43,7 +43,7 @@ Conn = psycopg.AsyncConnection[Any]
 TransientError: tuple[type[BaseException], ...] = (
     psycopg.OperationalError,
     psycopg.errors.AdminShutdown,
-    psycopg_pool.PoolTimeout,
+    PoolTimeout,
     psycopg.errors.SerializationFailure,
     psycopg.errors.DeadlockDetected,
 )
@@ -65,48 +65,8 @@ CONNECTION_OPTIONS: dict[str, Any] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 20000,
 }
-# The pool's reconnect attempts (and its checks of a connection that failed one) back off with
-# mailtrio.backoff from about RECONNECT_BACKOFF[0] up to RECONNECT_MAX_DELAY at most, jitter
-# included: after an outage of any length the pool is back within ~2 s of PostgreSQL.
-RECONNECT_MAX_DELAY = 2.0
-RECONNECT_BACKOFF = (0.8, RECONNECT_MAX_DELAY / 1.25)  # 0.6-1 s, then 1.2-2 s
-
-
-class _PoolBackoff(AttemptWithBackoff):
-    """psycopg_pool's attempt state with its delays drawn from mailtrio.backoff.
-
-    psycopg_pool has no setting for its backoff (its own starts at 1 s ±10% and doubles without a
-    cap until `reconnect_timeout`; the `reconnect_failed` callback runs only once that is spent),
-    and its pool builds every attempt from the module attribute `AttemptWithBackoff`: this class
-    replaces it. The give-up time (`reconnect_timeout`, or a `connection()` timeout) is kept."""
-
-    def __init__(self, *, timeout: float) -> None:
-        super().__init__(timeout=timeout)
-        self._backoff = Backoff(*RECONNECT_BACKOFF)
-        self._started = False
-
-    def update_delay(self, now: float) -> None:
-        if not self._started:
-            self._started = True
-            self.give_up_at = now + self.timeout
-        self.delay = self._backoff.next()
-        if self.delay + now > self.give_up_at:
-            self.delay = max(0.0, self.give_up_at - now)
-
-
-psycopg_pool.pool_async.AttemptWithBackoff = _PoolBackoff  # type: ignore[misc]
-
-
-class AbandoningConnection(psycopg.AsyncConnection[Any]):
-    """A connection whose interrupted query is abandoned at once.
-
-    When the asyncio task running a query is cancelled (a Trio deadline passed), psycopg asks the
-    server to cancel the query (a new connection, up to 5 s) and then waits up to 5 s more for the
-    query to end. Here the connection is closed instead: nothing waits for a stalled server, the
-    server ends the query when it sees the connection gone, and the pool opens a new one."""
-
-    async def _try_cancel(self, *, timeout: float = 5.0) -> None:  # noqa: ASYNC109 (psycopg signature)
-        self.pgconn.finish()
+# Kept for the connection class's old name (tests and callers that name it).
+AbandoningConnection = TrioConnection
 
 
 def connection_options(dsn: str) -> dict[str, Any]:
@@ -121,18 +81,21 @@ class Database:
         self.dsn = dsn
         self.application_name = application_name
         self.options = connection_options(dsn)
-        self.pool = psycopg_pool.AsyncConnectionPool(
-            dsn,
-            min_size=min(2, pool_size) if min_size is None else min_size,
+        self.pool = TrioPool(
+            self._connect_pooled,
             max_size=pool_size,
-            connection_class=AbandoningConnection,
-            kwargs={"autocommit": True, "row_factory": dict_row, "application_name": application_name,
-                    **self.options},
-            open=False,
+            min_size=min(2, pool_size) if min_size is None else min_size,
             timeout=10.0,
-            reconnect_timeout=3600.0,
-            name=name,
         )
+        self.name = name
+
+    async def _connect_pooled(self) -> TrioConnection:
+        try:
+            conn = await self.connect_direct(within=float(self.options.get("connect_timeout", 5)))
+        except trio.TooSlowError as exc:
+            raise psycopg.OperationalError("connecting to PostgreSQL timed out") from exc
+        assert isinstance(conn, TrioConnection)
+        return conn
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def connect_direct(self, *, within: float = 5.0) -> Conn:
@@ -141,7 +104,7 @@ class Database:
         options = {**self.options, "connect_timeout": max(2, int(within))}
 
         async def _connect() -> Conn:
-            return await AbandoningConnection.connect(
+            return await TrioConnection.connect(
                 self.dsn,
                 autocommit=True,
                 row_factory=dict_row,
@@ -158,8 +121,8 @@ class Database:
             await self._check_schema(within=min(within, 5.0))
         try:
             with trio.fail_after(within):
-                await bridge.call(self.pool.open, wait=True, timeout=within)
-        except (psycopg.Error, psycopg_pool.PoolTimeout, trio.TooSlowError) as exc:
+                await self.pool.open()
+        except (psycopg.Error, OSError, trio.TooSlowError) as exc:
             raise StartupError(f"cannot open the PostgreSQL pool: {_one_line(exc)}") from exc
 
     async def _check_schema(self, *, within: float) -> None:
@@ -188,20 +151,16 @@ class Database:
             )
 
     async def close(self, *, within: float = 5.0) -> None:
-        """Close the pool within `within` seconds (and the caller's deadline); connections still
-        busy then are abandoned (their units of work close them when cancelled)."""
-        with trio.move_on_after(within):
-            await bridge.call(self.pool.close, timeout=max(0.1, min(within, 5.0)))
+        """Close the pool: idle connections now (local work, no round trip); connections still
+        busy are closed when their units of work end (`within` is kept for callers)."""
+        self.pool.close()
+        await trio.lowlevel.checkpoint()
 
     # -- units of work -------------------------------------------------------------------------
     async def run(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run the asyncio coroutine function `fn(conn)` on a pooled connection, from Trio."""
-
-        async def _unit() -> T:
-            async with self.pool.connection() as conn:
-                return await fn(conn)
-
-        return await bridge.call(_unit)
+        """Run the coroutine function `fn(conn)` on a pooled connection, in Trio."""
+        async with self.pool.connection() as conn:
+            return await fn(conn)
 
     async def transaction(self, fn: Callable[[Conn], Awaitable[T]], *, pipeline: bool = False) -> T:
         """Like `run`, inside one transaction (committed on success, rolled back on error).

@@ -6,13 +6,14 @@ round trip claims a batch, stores a batch of rendered contents or records a batc
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
+
+import trio
 
 from mailtrio.store import Conn
 from mailtrio.store.queries import q
@@ -304,7 +305,7 @@ async def claim_batch(
     claims, broken, wait = await claim_due_and_next(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
     if render_off_loop(claims):
         # `prepare` is pure CPU over immutable inputs (the catalog never changes once loaded).
-        prepared = await asyncio.get_running_loop().run_in_executor(None, prepare, claims, broken)
+        prepared = await trio.to_thread.run_sync(prepare, claims, broken)
     else:
         prepared = prepare(claims, broken)
     prepared.stored = set()

@@ -7,7 +7,12 @@ the service) and a fresh stream key, and sends SMTP (MAIL_SMTP_TLS=none) to one 
 `smtp-sink` on a free loopback port. It prints one table and writes a JSON file.
 
     scripts/bench [--quick] [--json FILE] [--scenarios intake,e2e,latency,fairness,mta]
-                  [--workers 16] [--profile DIR] [--peers]
+                  [--workers 16] [--instances 1] [--profile DIR] [--peers]
+
+With --instances N the e2e and mta scenarios run N `mailtrio serve` processes (distinct
+MAIL_INSTANCE_ID, each with --workers workers) on the same database and command stream: the
+deployment of one instance per core. Their CPU and peak RSS are summed; smtp-source and the
+smtplib sender use as many connections as all instances together.
 
 The mta scenario (not in the default list; needs root and Postfix, see benchlib.postfix) starts a
 private Postfix whose submission listener requires STARTTLS and SASL AUTH and whose `discard:`
@@ -105,6 +110,7 @@ class Bench:
         self.sink: harness.SmtpSink | None = None
         self.run_id = uuid.uuid4().hex[:8]
         self.serve_env = dict(item.split("=", 1) for item in args.serve_env)
+        self._others: list[Serve] = []
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -138,18 +144,38 @@ class Bench:
         self.redis.delete(key, f"{key}:events")
         with harness.fresh_database(self.args.admin_dsn) as dsn:
             serve = Serve(self.procs, self.env(dsn, key, name, **extra_env), self.workdir, name=f"serve-{name}")
+            # --instances N: N-1 more processes on the same database and stream (their own
+            # MAIL_INSTANCE_ID and listener), started right after the first (see start()).
+            self._others = []
+            for i in range(2, self.instances(name) + 1):
+                env = self.env(dsn, key, f"{name}{i}", **extra_env)
+                self._others.append(Serve(self.procs, env, self.workdir, name=f"serve-{name}{i}"))
             try:
                 yield dsn, key, serve
             finally:
+                for other in self._others:
+                    with contextlib.suppress(Exception):
+                        other.stop()
                 with contextlib.suppress(Exception):
                     serve.stop()
                 self.redis.delete(key, f"{key}:events")
 
+    def instances(self, scenario: str) -> int:
+        """Processes to run in this scenario: --instances applies to the throughput scenarios."""
+        return self.args.instances if scenario in ("e2e", "mta") else 1
+
     def start(self, serve: Serve, name: str) -> subprocess.Popen[bytes] | None:
         serve.start(ready_timeout=60)
+        # The first process has migrated the database; the others start without waiting for
+        # each other's listener (the first one's consumer is already at work).
+        for other in self._others:
+            other.start(wait=False)
+        for other in self._others:
+            other.wait_ready(60)
         self._busy0 = harness.machine_busy()
         self._wall0 = time.time()
-        self._cpu0 = serve.cpu_seconds() or 0.0  # startup (imports, migrations) is not counted
+        # startup (imports, migrations) is not counted
+        self._cpu0 = sum(s.cpu_seconds() or 0.0 for s in (serve, *self._others))
         if not self.args.profile:
             return None
         out = Path(self.args.profile) / f"{name}.txt"
@@ -171,9 +197,14 @@ class Bench:
             commits = int(harness.query_one(
                 dsn, "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
         statements = self.top_statements(dsn) if self.args.private_pg else None
-        rss = serve.peak_rss_mb()
-        cpu_now = serve.cpu_seconds()
-        cpu = None if cpu_now is None else cpu_now - self._cpu0
+        # Several instances: the sum of their peak RSS and of their CPU time.
+        rss_values = [s.peak_rss_mb() for s in (serve, *self._others)]
+        rss = None if None in rss_values else sum(v for v in rss_values if v is not None)
+        cpu_values = [s.cpu_seconds() for s in (serve, *self._others)]
+        cpu = None if None in cpu_values else sum(v for v in cpu_values if v is not None) - self._cpu0
+        for other in self._others:
+            with contextlib.suppress(Exception):
+                other.stop()
         busy1 = harness.machine_busy()
         wall = time.time() - self._wall0
         span = max(1.0, busy1[1] - self._busy0[1])
@@ -316,14 +347,16 @@ class Bench:
         rate = n / (end - t0)
         # The same number of messages through the same sink with as many connections as workers.
         size = int(float(avg_size or 1000)) + 700  # body + typical header block
-        source_rate = harness.smtp_source(self.sink.addr, sessions=self.args.workers, messages=n,
+        sessions = self.args.workers * self.instances("e2e")
+        source_rate = harness.smtp_source(self.sink.addr, sessions=sessions, messages=n,
                                           size=size, timeout=max(120.0, n / 100))
         return {
             "deliveries": n, "sent": sent, "attempts_accepted": accepted_attempts, "sink_accepted": sink_count,
             "seconds": round(end - t0, 3), "deliveries_per_s": round(rate, 1),
             "intake_seconds": None if intake_done is None else round(intake_done - t0, 3),
             "smtp_source_msgs_per_s": round(source_rate, 1), "smtp_source_message_bytes": size,
-            "smtp_source_sessions": self.args.workers,
+            "smtp_source_sessions": self.args.workers * self.instances("e2e"),
+            "instances": self.instances("e2e"),
             "ratio_to_smtp_source": round(rate / source_rate, 4), **foot, **per_item(foot, n),
             **(self.peers() if self.args.peers else {}),
         }
@@ -386,16 +419,17 @@ class Bench:
                 foot = self.finish(serve, spy, dsn)
             rate = n / (end - t0)
             subject, text, html = sample[0] if sample else ("Bench", "Hello.", None)
-            naive = naive_smtplib(pf, messages=n, threads=self.args.workers,
+            naive = naive_smtplib(pf, messages=n, threads=self.args.workers * self.instances("mta"),
                                   subject=str(subject), text=str(text or ""), html=None if html is None else str(html),
                                   timeout=max(120.0, n / 20))
         return {
             "deliveries": n, "sent": sent, "attempts_accepted": accepted_attempts,
             "seconds": round(end - t0, 3), "deliveries_per_s": round(rate, 1),
             "attempt_p50_ms": None if attempt_p50 is None else round(float(attempt_p50), 1),
-            "connections": self.args.workers,
+            "connections": self.args.workers * self.instances("mta"),
+            "instances": self.instances("mta"),
             "smtplib_msgs_per_s": naive["msgs_per_s"], "smtplib_sent": naive["sent"],
-            "smtplib_errors": naive["errors"], "smtplib_threads": self.args.workers,
+            "smtplib_errors": naive["errors"], "smtplib_threads": self.args.workers * self.instances("mta"),
             "ratio_to_smtplib": round(rate / naive["msgs_per_s"], 3) if naive["msgs_per_s"] else None,
             **foot, **per_item(foot, n),
         }
@@ -583,6 +617,11 @@ def _round(v: float | None) -> float | None:
     return None if v is None else round(v, 1)
 
 
+def _procs(res: dict[str, Any]) -> str:
+    n = res.get("instances", 1)
+    return f", {n} processes" if n > 1 else ""
+
+
 def per_item(foot: dict[str, Any], n: int) -> dict[str, Any]:
     """Service CPU per item and the rate one whole core would give at that cost: a figure that
     holds even when other work on the machine takes CPU away from the service."""
@@ -645,7 +684,8 @@ def table(results: dict[str, Any]) -> str:
             add(scn, "PostgreSQL backends CPU ms/command", res["postgres_cpu_ms_per_item"])
             add(scn, "outcomes match", res["outcomes_match"])
         elif scn == "e2e":
-            add(scn, "deliveries/s (XADD backlog -> 250)", res["deliveries_per_s"], TARGETS["e2e.deliveries_per_s"])
+            add(scn, f"deliveries/s (XADD backlog -> 250){_procs(res)}", res["deliveries_per_s"],
+                TARGETS["e2e.deliveries_per_s"])
             add(scn, "smtp-source msgs/s (same sink)", res["smtp_source_msgs_per_s"])
             add(scn, f"ratio mailtrio/smtp-source ({res['smtp_source_sessions']} conns)",
                 f"{res['ratio_to_smtp_source']:.3f}")
@@ -672,7 +712,8 @@ def table(results: dict[str, Any]) -> str:
                     f"{lr['p50_ms']} / {lr['p95_ms']} / {lr['p99_ms']} (missing {lr['missing']})", tgt)
                 add(scn, f"{load}/s p50 intake/queue/attempt ms", _stages(lr["stages"]))
         elif scn == "mta":
-            add(scn, f"mailtrio deliveries/s (XADD -> sent, {res['connections']} conns)", res["deliveries_per_s"])
+            add(scn, f"mailtrio deliveries/s (XADD -> sent, {res['connections']} conns){_procs(res)}",
+                res["deliveries_per_s"])
             add(scn, f"smtplib msgs/s ({res['smtplib_threads']} threads, same listener)",
                 res["smtplib_msgs_per_s"] if res["smtplib_msgs_per_s"] is not None
                 else f"error: {res['smtplib_errors']}")
@@ -708,6 +749,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
                    help="override one size, e.g. --size e2e=5000 --size loads=100,500 (see Sizes)")
     p.add_argument("--workers", type=int, default=16, help="MAIL_ATTEMPT_WORKER_CONCURRENCY and smtp-source -s")
+    p.add_argument("--instances", type=int, default=1,
+                   help="e2e and mta: run this many `mailtrio serve` processes on the same database and stream "
+                        "(each with --workers workers; CPU and peak RSS are their sums)")
     p.add_argument("--profile", help="directory for py-spy raw profiles, one per scenario")
     p.add_argument("--admin-dsn", default=harness.ADMIN_DSN, help="PostgreSQL server for the fresh databases")
     p.add_argument("--private-pg", action="store_true",

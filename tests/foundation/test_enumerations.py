@@ -148,26 +148,3 @@ def test_backoff_grows_with_jitter_within_bounds_and_resets() -> None:
     bounded = Backoff(0.1, 2.0, rng=random.Random(3))
     assert bounded.longest == 2.5 and max(bounded.next() for _ in range(200)) <= bounded.longest
 
-
-def test_the_pool_reconnects_with_the_one_backoff_within_2s() -> None:
-    """psycopg_pool's reconnect attempts take their delays from mailtrio.backoff: jittered, never
-    more than RECONNECT_MAX_DELAY (outages heal within seconds of PostgreSQL's return), and the
-    pool's give-up time is kept."""
-    import psycopg_pool.pool_async
-
-    from mailtrio import store
-
-    assert Backoff(*store.RECONNECT_BACKOFF).longest <= store.RECONNECT_MAX_DELAY == 2.0
-    make = psycopg_pool.pool_async.AttemptWithBackoff
-    attempt = make(timeout=3600.0)
-    delays = []
-    for now in range(100):
-        attempt.update_delay(float(now))
-        delays.append(attempt.delay)
-    assert 0.6 <= delays[0] <= 1.0
-    assert all(1.2 <= d <= store.RECONNECT_MAX_DELAY for d in delays[1:])
-    assert len({round(d, 6) for d in delays[1:]}) > 50  # jittered: instances do not retry in lockstep
-    short = make(timeout=1.5)
-    short.update_delay(100.0)
-    short.update_delay(101.0)
-    assert short.delay <= 0.5 and not short.time_to_give_up(101.0) and short.time_to_give_up(101.5)

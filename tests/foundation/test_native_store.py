@@ -1,0 +1,157 @@
+"""The store's psycopg connections driven from Trio, and its Trio pool, against a real PostgreSQL:
+connections are reused, a unit of work cancelled mid-query closes its connection at once (no
+wait for the server), a broken connection is replaced by the next unit, the pool's bound holds,
+and the same connection still works from asyncio through the bridge."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+import trio
+
+from mailtrio import bridge
+from mailtrio.store import Database, TransientError
+from mailtrio.store.native import PoolTimeout, TrioConnection
+
+
+async def _pid(conn: Any) -> int:
+    cur = await conn.execute("SELECT pg_backend_pid() AS pid")
+    row = await cur.fetchone()
+    return int(row["pid"])
+
+
+async def test_units_reuse_connections_and_results_match_asyncio(database: str) -> None:
+    async with bridge.open_loop():
+        db = Database(database, 2, min_size=1)
+        await db.open()
+        try:
+            first = await db.run(_pid)
+            assert await db.run(_pid) == first  # the same connection serves the next unit
+
+            async def rows(conn: Any) -> list[dict[str, Any]]:
+                async with conn.pipeline():
+                    cur = await conn.execute("SELECT g, repeat('x', 70000) AS big FROM generate_series(1, 40) g")
+                    await conn.execute("SELECT 1")
+                return list(await cur.fetchall())
+
+            native = await db.run(rows)
+            # a large result in pipeline mode: libpq waits for reading and writing alike
+            assert [r["g"] for r in native] == list(range(1, 41)) and all(len(r["big"]) == 70000 for r in native)
+            direct = await db.connect_direct()
+            try:
+                assert isinstance(direct, TrioConnection)
+                # the same connection class works from asyncio (through the bridge) and from Trio
+                assert await bridge.call(rows, direct) == native
+                assert await rows(direct) == native
+            finally:
+                direct.pgconn.finish()
+        finally:
+            await db.close()
+
+
+async def test_a_cancelled_unit_closes_its_connection_at_once(database: str) -> None:
+    async with bridge.open_loop():
+        db = Database(database, 1, min_size=1)
+        await db.open()
+        try:
+            before = await db.run(_pid)
+
+            async def slow(conn: Any) -> None:
+                await conn.execute("SELECT pg_sleep(3)")
+
+            start = trio.current_time()
+            with trio.move_on_after(0.3) as scope:
+                await db.run(slow)
+            assert scope.cancelled_caught
+            assert trio.current_time() - start < 2.0  # nothing waited for the server
+            after = await db.run(_pid)
+            assert after != before  # the interrupted connection was not reused
+
+            async def gone(conn: Any) -> bool:
+                cur = await conn.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = %s", (before,))
+                row = await cur.fetchone()
+                return int(row["n"]) == 0
+
+            # the abandoned backend goes once its query ends and it finds the client gone
+            for _ in range(100):
+                if await db.run(gone):
+                    break
+                await trio.sleep(0.1)
+            else:
+                pytest.fail("the abandoned query's backend is still there after 10 s")
+        finally:
+            await db.close()
+
+
+async def test_a_broken_connection_fails_one_unit_and_is_replaced(database: str) -> None:
+    async with bridge.open_loop():
+        db = Database(database, 1, min_size=1)
+        await db.open()
+        try:
+            victim = await db.run(_pid)
+            admin = await db.connect_direct()
+            try:
+                await admin.execute("SELECT pg_terminate_backend(%s)", (victim,))
+            finally:
+                admin.pgconn.finish()
+            with pytest.raises(TransientError):
+                await db.run(_pid)
+            assert await db.run(_pid) != victim
+        finally:
+            await db.close()
+
+
+async def test_the_pool_bound_holds_and_times_out(database: str) -> None:
+    async with bridge.open_loop():
+        db = Database(database, 2, min_size=0)
+        db.pool.timeout = 0.5
+        await db.open(check=False)
+        try:
+            busy = 0
+            most = 0
+            release = trio.Event()
+
+            async def hold(conn: Any) -> None:
+                nonlocal busy, most
+                busy += 1
+                most = max(most, busy)
+                await conn.execute("SELECT 1")
+                await release.wait()
+                busy -= 1
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(db.run, hold)
+                await trio.sleep(0.3)
+                with pytest.raises(PoolTimeout):
+                    await db.run(_pid)  # a third unit finds no free connection within the timeout
+                assert isinstance(PoolTimeout("x"), psycopg.OperationalError)
+                release.set()
+            assert most == 2
+            assert await db.run(_pid) > 0
+        finally:
+            await db.close()
+
+
+async def test_notifies_wait_with_a_timeout_from_trio(database: str) -> None:
+    async with bridge.open_loop():
+        db = Database(database, 1)
+        listener = await db.connect_direct()
+        try:
+            await listener.execute("LISTEN native_test")
+            start = trio.current_time()
+            got = [n async for n in listener.notifies(timeout=0.3, stop_after=1)]
+            assert got == [] and 0.25 <= trio.current_time() - start < 2.0
+
+            async def notify(conn: Any) -> None:
+                await conn.execute("SELECT pg_notify('native_test', 'hello')")
+
+            await db.open(check=False)
+            await db.run(notify)
+            got = [n async for n in listener.notifies(timeout=5, stop_after=1)]
+            assert [n.payload for n in got] == ["hello"]
+        finally:
+            listener.pgconn.finish()
+            await db.close()
