@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from mailtrio import bridge, log, shutdown
+from mailtrio import log, shutdown
 from mailtrio.backoff import Backoff
 from mailtrio.store import Conn, Database, StartupError, close_quietly
 from mailtrio.store import engine as store
@@ -92,9 +92,8 @@ class InstanceIdentity:
         conn = await self.db.connect_direct()
         try:
             with trio.fail_after(PROBE_TIMEOUT):
-                acquired, pid = await bridge.call(store.identity_lock, conn, instance_id=self.instance_id)
-                holder = None if acquired else await bridge.call(
-                    store.identity_holder, conn, instance_id=self.instance_id)
+                acquired, pid = await store.identity_lock(conn, instance_id=self.instance_id)
+                holder = None if acquired else await store.identity_holder(conn, instance_id=self.instance_id)
         except BaseException:
             await self._close(conn)
             raise
@@ -148,7 +147,7 @@ class InstanceIdentity:
                 return
             try:
                 with trio.fail_after(PROBE_TIMEOUT):
-                    await bridge.call(store.identity_probe, conn)
+                    await store.identity_probe(conn)
             except Exception as exc:
                 _log.error("instance identity lock lost; claiming and sending stop until it is re-acquired",
                            instance_id=self.instance_id, error=_one_line(exc))
@@ -192,7 +191,7 @@ class InstanceIdentity:
         conn = await self.db.connect_direct()
         try:
             with trio.fail_after(PROBE_TIMEOUT):
-                await bridge.call(store.terminate_backend, conn, pid=pid)
+                await store.terminate_backend(conn, pid=pid)
         finally:
             await self._close(conn)
 
@@ -206,7 +205,7 @@ class InstanceIdentity:
             return
         with shutdown.shielded(2.0, reserve=0.0):
             try:
-                await bridge.call(store.identity_release, conn, instance_id=self.instance_id)
+                await store.identity_release(conn, instance_id=self.instance_id)
             except Exception:
                 pass  # closing the session releases it as well
         await self._close(conn)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mailtrio import bridge, log, shutdown, telemetry
+from mailtrio import log, shutdown, telemetry
 from mailtrio.backoff import Backoff
 from mailtrio.config import Settings
 from mailtrio.enums import AttemptStatus, DeliveryStatus
@@ -414,7 +414,7 @@ class Scheduler:
                 conn = await self.db.connect_direct()
                 listen_conn = conn
                 with trio.fail_after(QUERY_TIMEOUT):
-                    await bridge.call(store.listen_schedule, listen_conn)
+                    await store.listen_schedule(listen_conn)
                 if started:
                     _log.info("schedule listener reconnected")
                 self._listening = True
@@ -424,7 +424,7 @@ class Scheduler:
                     started = True
                     task_status.started()
                 while True:
-                    if await bridge.call(store.wait_schedule_notify, listen_conn, LISTEN_WAIT):
+                    if await store.wait_schedule_notify(listen_conn, LISTEN_WAIT):
                         self.wake()
             except Exception as exc:
                 self._listening = False

@@ -4,7 +4,7 @@
 asyncio path through trio-asyncio costs several times the CPU per statement). Store code is
 written as coroutines taking a connection; Trio callers run them with `Database.run`, which
 checks a connection out of the pool, runs the unit of work and returns its result. Connections
-made outside the pool (`connect_direct`: advisory locks, LISTEN) work from Trio and, through
+made outside the pool (`connect_direct`: the identity lock, LISTEN, the event outbox) work from Trio and, through
 the asyncio bridge, from asyncio alike.
 
 Hard bounds: a unit of work cancelled from Trio (its deadline passed, or the shutdown's) is
@@ -227,7 +227,7 @@ async def close_quietly(conn: Conn) -> None:
     conn.pgconn.finish()
     with trio.CancelScope(shield=True):
         try:
-            await bridge.call(conn.close)
+            await conn.close()
         except Exception:
             pass
 
@@ -276,7 +276,7 @@ async def migration_status(dsn: str, *, within: float = 10.0) -> MigrationStatus
         raise StartupError(f"PostgreSQL did not answer within {within:.0f}s") from exc
     finally:
         with trio.CancelScope(shield=True):
-            await bridge.call(conn.close)
+            await conn.close()
     if not schema:
         raise StartupError(
             "PostgreSQL schema 'mail' does not exist: it is provisioned externally for the "

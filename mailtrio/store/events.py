@@ -14,7 +14,6 @@ from typing import Any, NamedTuple
 import trio
 from psycopg.rows import tuple_row
 
-from mailtrio import bridge
 from mailtrio.store import Conn, Database
 from mailtrio.store.queries import q
 
@@ -55,7 +54,7 @@ class OutboxConnection:
             return list(await cur.fetchall()) if cur.description else []
 
         with trio.fail_after(CALL_TIMEOUT):
-            return await bridge.call(_execute)
+            return await _execute()
 
     async def try_lock(self) -> bool:
         """Open the connection if needed and try to take the publisher's lock (never waits)."""
@@ -79,7 +78,7 @@ class OutboxConnection:
         with trio.move_on_after(within) as scope:
             scope.shield = True
             try:
-                await bridge.call(conn.close)
+                await conn.close()
             except Exception:  # a broken connection is closed all the same
                 pass
 
