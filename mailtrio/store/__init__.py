@@ -4,8 +4,8 @@
 asyncio path through trio-asyncio costs several times the CPU per statement). Store code is
 written as coroutines taking a connection; Trio callers run them with `Database.run`, which
 checks a connection out of the pool, runs the unit of work and returns its result. Connections
-made outside the pool (`connect_direct`: the identity lock, LISTEN, the event outbox) work from Trio and, through
-the asyncio bridge, from asyncio alike.
+made outside the pool (`connect_direct`: the identity lock, LISTEN, the event outbox) work from
+Trio and, through the asyncio bridge, from asyncio alike.
 
 Hard bounds: a unit of work cancelled from Trio (its deadline passed, or the shutdown's) is
 abandoned at once: the connection is closed rather than asking the server to cancel the query and
