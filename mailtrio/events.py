@@ -1,7 +1,8 @@
 """The event publisher: moves delivery events from the PostgreSQL outbox to the Redis stream.
 
 Triggers write every event into `mail.delivery_events` in the transaction of the change it
-describes (sql/00008_delivery_events.sql); intake and delivery never wait for this component.
+describes (sql/00008_delivery_events.sql, sql/00009_delivery_events_cost.sql); intake and
+delivery never wait for this component.
 One instance publishes at a time: the one holding a session-level advisory lock on a connection
 of its own, through which it also reads and marks the outbox. The others try again every
 `lock_retry` seconds (±25%), so when the publisher dies (its connection closes, the lock goes

@@ -1,4 +1,5 @@
-"""Store code of the event outbox (sql/00008_delivery_events.sql, sql/queries/events.sql).
+"""Store code of the event outbox (sql/00008_delivery_events.sql, sql/00009_delivery_events_cost.sql,
+sql/queries/events.sql).
 
 The outbox rows are written by triggers, in the transaction of the change they describe. This
 module reads them for the publisher, on a connection of its own that holds the publisher's
