@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailtrio.store import Database
 from mailtrio.store import engine as store
@@ -264,3 +267,14 @@ async def test_a_large_render_is_prepared_off_the_event_loop(db: Database, datab
     # the content prepared in the thread was stored under the lease like any other
     assert h.deliveries(database, ["big"])["big"]["status"] == "sending"
     assert large.stored == {"big"}
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=20))
+def test_batch_json_is_the_stdlibs(value: object) -> None:
+    """The batch parameters' fast JSON text (orjson, with the stdlib as fallback) reads back as the
+    stdlib's own text does, whatever the values (big integers, surrogates and NULs included)."""
+    reference = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    assert json.loads(store._dumps(value)) == json.loads(reference)
