@@ -67,6 +67,26 @@ def _entries(raw: Any) -> list[Entry]:
     return out
 
 
+def _read_reply(response: Any, **options: Any) -> list[Entry]:
+    """An XREADGROUP reply of one stream (RESP2: `[[stream, [[id, [field, value, ...]], ...]]]`)
+    straight to entries, in one pass: redis-py's own parser builds each entry's dict through a
+    helper call, and its ids would then be decoded one by one again. An entry deleted while it
+    was pending comes as `[id, nil]`: its fields are None."""
+    if not response:
+        return []
+    out: list[Entry] = []
+    append = out.append
+    for entry_id, fields in response[0][1]:
+        if entry_id is None:
+            continue
+        if fields:
+            it = iter(fields)
+            append((entry_id.decode() if type(entry_id) is bytes else str(entry_id), dict(zip(it, it, strict=False))))
+        else:
+            append((_id(entry_id), None))
+    return out
+
+
 class Stream:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -86,6 +106,7 @@ class Stream:
             # RESP2: stream replies map straight to redis-py's shapes (no RESP3 conversion)
             protocol=2,
         )
+        self.client.set_response_callback("XREADGROUP", _read_reply)
         self._add_json: Any = None
 
     async def ping(self, *, within: float = 5.0) -> None:
@@ -145,8 +166,8 @@ class Stream:
                 self.group, self.consumer, {self.name: ">"}, count=count, block=max(1, int(block * 1000))
             )
 
-        reply = await self._grouped(_read, block + CALL_TIMEOUT)
-        return _entries(reply[0][1]) if reply else []
+        entries: list[Entry] = await self._grouped(_read, block + CALL_TIMEOUT)
+        return entries
 
     async def read_pending(self, after: str, count: int) -> list[Entry]:
         """XREADGROUP from `after`: this consumer's own pending entries (delivered, not acked)."""
@@ -154,8 +175,8 @@ class Stream:
         async def _read() -> Any:
             return await self.client.xreadgroup(self.group, self.consumer, {self.name: after}, count=count)
 
-        reply = await self._grouped(_read, CALL_TIMEOUT)
-        return _entries(reply[0][1]) if reply else []
+        entries: list[Entry] = await self._grouped(_read, CALL_TIMEOUT)
+        return entries
 
     async def claim(self, min_idle: float, cursor: str, count: int) -> tuple[str, list[Entry], list[str]]:
         """XAUTOCLAIM entries pending longer than `min_idle` seconds on any consumer of the group.
