@@ -370,6 +370,9 @@ class Consumer:
             now_ms = now.timestamp() * 1000.0
             ttl_ms = self.settings.idempotency_ttl * 1000.0
             has_template = self.catalog.has_template
+            validate = commands.validate
+            outcomes = batch.outcomes
+            raw = batch.raw
             size = 0
             for i, (entry_id, fields) in enumerate(entries):
                 if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
@@ -377,7 +380,8 @@ class Consumer:
                 if fields is None:
                     batch.vanished.append(entry_id)
                     continue
-                payload_size = len(fields.get(b"payload") or b"")
+                payload = fields.get(b"payload")
+                payload_size = len(payload) if payload else 0
                 size += payload_size + 256
                 tp = fields.get(b"traceparent")
                 if tp is not None:
@@ -389,15 +393,15 @@ class Consumer:
                     )
                 elif payload_size > OFF_LOOP_BYTES:
                     outcome = await trio.to_thread.run_sync(
-                        functools.partial(commands.validate, entry_id, fields, now=now, has_template=has_template)
+                        functools.partial(validate, entry_id, fields, now=now, has_template=has_template)
                     )
                 else:
-                    outcome = commands.validate(entry_id, fields, now=now, has_template=has_template)
-                if isinstance(outcome, Command) and outcome.traceparent is None:
+                    outcome = validate(entry_id, fields, now=now, has_template=has_template)
+                if type(outcome) is Command and outcome.traceparent is None:
                     # every delivery keeps a trace context: the intake batch span's own
                     outcome.traceparent = batch_tp
-                batch.outcomes.append(outcome)
-                batch.raw[entry_id] = fields
+                outcomes.append(outcome)
+                raw[entry_id] = fields
             n = len(entries) - len(batch.vanished)
             if n:
                 self._avg_entry_bytes = 0.7 * self._avg_entry_bytes + 0.3 * (size / n)
@@ -433,7 +437,7 @@ class Consumer:
         counts = IntakeCounts(origin=batch.origin, read=len(batch.entries))
         if not batch.entries:
             return counts
-        self._last_ids = [entry_id for entry_id, _ in batch.entries]
+        ids = self._last_ids = [entry_id for entry_id, _ in batch.entries]
         try:
             result = await self._commit(batch.outcomes, batch.raw, batch.origin != "new")
             counts.accepted = len(result.accepted)
@@ -467,9 +471,10 @@ class Consumer:
                         count=len(batch.vanished),
                         stream_entry_ids=batch.vanished[:20],
                     )
-            counts.acked = await self.stream.ack([entry_id for entry_id, _ in batch.entries])
-            for entry_id, _ in batch.entries:
-                self.parked.pop(entry_id, None)
+            counts.acked = await self.stream.ack(ids)
+            if self.parked:
+                for entry_id in ids:
+                    self.parked.pop(entry_id, None)
             with batch.use(None):
                 _log.debug(
                     "stream batch committed",

@@ -58,6 +58,10 @@ def plan_rounds(commands: Sequence[Command]) -> list[list[Command]]:
 
     A command goes one round after the latest round holding its key or its delivery id, so
     commands that depend on each other keep their stream order."""
+    if len({(c.source, c.idempotency_key) for c in commands}) == len(commands) == len(
+        {c.delivery_id for c in commands}
+    ):
+        return [list(commands)] if commands else []
     rounds: list[list[Command]] = []
     key_round: dict[tuple[str, str], int] = {}
     id_round: dict[str, int] = {}
