@@ -115,6 +115,8 @@ class Command:
     payload_json: str
     recipients_json: str
     fingerprint: str
+    # send_at in UTC, ISO 8601 (as the fingerprint reads it), for the database; None when absent
+    send_at_text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +345,7 @@ def _validate(
         canonical,
         orjson.dumps(recipients).decode(),
         hashlib.sha256(material).hexdigest(),
+        send_at_c or None,
     )
 
 

@@ -58,16 +58,23 @@ def plan_rounds(commands: Sequence[Command]) -> list[list[Command]]:
 
     A command goes one round after the latest round holding its key or its delivery id, so
     commands that depend on each other keep their stream order."""
-    if len({(c.source, c.idempotency_key) for c in commands}) == len(commands) == len(
-        {c.delivery_id for c in commands}
-    ):
-        return [list(commands)] if commands else []
-    rounds: list[list[Command]] = []
+    if not commands:
+        return []
+    first: list[Command] = []
+    rounds: list[list[Command]] = [first]
     key_round: dict[tuple[str, str], int] = {}
     id_round: dict[str, int] = {}
     for cmd in commands:
         key = (cmd.source, cmd.idempotency_key)
-        n = max(key_round.get(key, -1), id_round.get(cmd.delivery_id, -1)) + 1
+        by_key = key_round.get(key)
+        by_id = id_round.get(cmd.delivery_id)
+        if by_key is None and by_id is None:
+            # the common command: nothing before it in the batch shares its key or id
+            first.append(cmd)
+            key_round[key] = 0
+            id_round[cmd.delivery_id] = 0
+            continue
+        n = max(-1 if by_key is None else by_key, -1 if by_id is None else by_id) + 1
         if n == len(rounds):
             rounds.append([])
         rounds[n].append(cmd)
@@ -190,7 +197,7 @@ def _accept_rows(commands: Sequence[Command], message_domain: str) -> str:
                 c.template_id,
                 c.locale,
                 fragment(c.recipients_json),
-                None if c.send_at is None else c.send_at.isoformat(),
+                c.send_at_text if c.send_at_text is not None or c.send_at is None else c.send_at.isoformat(),
                 message_id_for(c.source, c.delivery_id, message_domain),
                 c.traceparent,
                 c.stream_entry_id,
