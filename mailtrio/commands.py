@@ -117,6 +117,9 @@ class Command:
     fingerprint: str
     # send_at in UTC, ISO 8601 (as the fingerprint reads it), for the database; None when absent
     send_at_text: str | None = None
+    # the command's row for the database, built ahead of the commit by the consumer
+    # (mailtrio.store.intake.accept_row); None: built at the commit
+    row: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
