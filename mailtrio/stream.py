@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 import trio
@@ -30,6 +31,25 @@ T = TypeVar("T")
 # Errors of the Redis client worth retrying after a pause (connection reset, restart, CLIENT
 # KILL, LOADING, READONLY after a failover, our own deadlines).
 StreamError: tuple[type[BaseException], ...] = (RedisError, OSError, trio.TooSlowError)
+
+class _Connection(aioredis.Connection):
+    """redis-py's asyncio connection, whose commands made of str, bytes and int arguments are
+    packed by hiredis in C. redis-py packs every argument in Python (~1.6 us each): the largest
+    part of acknowledging a batch of 2,000 entries, or of publishing a batch of events. Other
+    arguments, and command names with a space in them ("XGROUP CREATE"), go the usual way;
+    str is encoded as UTF-8, strictly, as redis-py's default encoder does."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        if args and type(args[0]) is str and " " not in args[0]:
+            for arg in args:
+                kind = type(arg)
+                if kind is not str and kind is not bytes and kind is not int:
+                    break
+            else:
+                return [hiredis.pack_command(args)]
+        packed: list[bytes] = super().pack_command(*args)
+        return packed
+
 
 # One entry as read: its ID and its fields (raw bytes). Fields are None for an entry that was
 # deleted from the stream while it was pending.
@@ -106,6 +126,7 @@ class Stream:
             # RESP2: stream replies map straight to redis-py's shapes (no RESP3 conversion)
             protocol=2,
         )
+        self.client.connection_pool.connection_class = _Connection
         self.client.set_response_callback("XREADGROUP", _read_reply)
         self._add_json: Any = None
 
