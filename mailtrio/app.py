@@ -18,6 +18,7 @@ by the deadline. A second signal cancels everything at once.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from typing import Any
@@ -126,6 +127,23 @@ async def run(
             await _close(stop, stream, db, api_db, within=5.0)
 
 
+# The young generation of the cyclic garbage collector is collected after this many allocations
+# (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def _tune_gc() -> None:
+    """Cyclic garbage collection for a long-running service. Everything built at startup (modules,
+    the parsed catalog, the HTTP app) lives as long as the process: frozen (`gc.freeze`), it is no
+    longer traversed by every full collection. The service allocates tens of thousands of
+    short-lived, acyclic objects per intake batch, which reference counting frees: a young
+    generation collected every GC_YOUNG_THRESHOLD allocations instead of 700 traverses the live
+    ones (the batch in flight) a dozen times less often; cyclic garbage is still collected."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 async def _serve(
     settings: Settings,
     stream: Stream,
@@ -141,6 +159,7 @@ async def _serve(
     from mailtrio.providers.build import build_provider
 
     provider = build_provider(settings)
+    _tune_gc()
     send, receive = trio.open_memory_channel[Any](0)
     pool = WorkerPool(settings, db, catalog, provider, receive, identity=identity)
     scheduler = Scheduler(settings, db, send, pool, identity=identity)

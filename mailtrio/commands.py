@@ -116,6 +116,11 @@ class Command:
     payload_json: str
     recipients_json: str
     fingerprint: str
+    # send_at in UTC, ISO 8601 (as the fingerprint reads it), for the database; None when absent
+    send_at_text: str | None = None
+    # the command's row for the database, built ahead of the commit by the consumer
+    # (mailtrio.store.intake.accept_row); None: built at the commit
+    row: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,20 +169,24 @@ def validate(
 def _validate(
     entry_id: str, fields: Mapping[Any, Any], now: datetime, has_template: Callable[[str], bool]
 ) -> Command:
-    raw: Mapping[bytes, Any]
-    if all(type(k) is bytes for k in fields):
-        raw = fields
-    else:
-        raw = {_as_bytes(k): v for k, v in fields.items()}
+    # The common entry is read once, field by field, with the cheap tests first; every rule and
+    # its order (which code wins) are those of the module docstring.
+    raw: Mapping[bytes, Any] = fields
+    for k in fields:
+        if type(k) is not bytes:
+            raw = {_as_bytes(k): v for k, v in fields.items()}
+            break
+    get = raw.get
 
     # Parse the payload first (if it can be read at all) so that unsafe_header wins over
     # every other finding, as the contract requires.
-    payload_raw = raw.get(b"payload")
-    payload_bytes = _as_bytes(payload_raw) if payload_raw is not None else None
+    payload_raw = get(b"payload")
     payload: Any = None
     payload_error: _Reject | None = None
-    canonical: str | None = None
-    if payload_bytes is not None:
+    canonical = ""
+    text = b""
+    if payload_raw is not None:
+        payload_bytes = payload_raw if type(payload_raw) is bytes else _as_bytes(payload_raw)
         if len(payload_bytes) > MAX_PAYLOAD_BYTES:
             payload_error = _Reject(
                 FailureCode.PAYLOAD_TOO_LARGE,
@@ -185,51 +194,67 @@ def _validate(
             )
         else:
             try:
-                payload, canonical = _parse_payload(payload_bytes)
+                payload, canonical, text = _parse(payload_bytes)
             except _Reject as exc:
                 payload_error = exc
-    if isinstance(payload, dict):
+    # A control character can only be in a string of the canonical text escaped (so behind a
+    # backslash), or as DEL itself: without either, no header, subject or address holds one.
+    if isinstance(payload, dict) and (b"\\" in text or b"\x7f" in text):
         _check_unsafe(payload)
 
     # Entry fields present?
-    for name in REQUIRED_FIELDS:
-        if raw.get(_KEYS[name]) is None:
-            if payload_error is not None:
-                raise payload_error
-            raise _Reject(FailureCode.MISSING_FIELD, f"required field {name!r} is missing")
+    delivery_id_raw = get(b"delivery_id")
+    source_raw = get(b"source")
+    key_raw = get(b"idempotency_key")
+    mode_raw = get(b"payload_mode")
+    locale_raw = get(b"locale")
+    if (delivery_id_raw is None or source_raw is None or key_raw is None or mode_raw is None
+            or locale_raw is None or payload_raw is None):
+        for name in REQUIRED_FIELDS:
+            if get(_KEYS[name]) is None:
+                if payload_error is not None:
+                    raise payload_error
+                raise _Reject(FailureCode.MISSING_FIELD, f"required field {name!r} is missing")
     if payload_error is not None:
         raise payload_error
-    assert canonical is not None
     if not isinstance(payload, dict):
         raise _Reject(FailureCode.INVALID_JSON, f"payload is JSON but not an object (got {_json_type(payload)})")
 
-    payload_mode = _text(raw, "payload_mode")
+    payload_mode = _decode(mode_raw, "payload_mode")
     mode = payload_mode if payload_mode in MODES else None
 
     # Payload keys present?
-    if _absent(payload, "to"):
+    pget = payload.get
+    to = pget("to")
+    if to is None:
         raise _Reject(FailureCode.MISSING_FIELD, "payload key 'to' is missing")
-    if mode == PayloadMode.TEMPLATE and _absent(payload, "template_id"):
+    if mode == PayloadMode.TEMPLATE and pget("template_id") is None:
         raise _Reject(FailureCode.MISSING_FIELD, "payload key 'template_id' is missing (payload_mode template)")
     if mode == PayloadMode.RENDERED:
-        if _absent(payload, "subject"):
+        if pget("subject") is None:
             raise _Reject(FailureCode.MISSING_FIELD, "payload key 'subject' is missing (payload_mode rendered)")
-        if _absent(payload, "text") and _absent(payload, "html"):
+        if pget("text") is None and pget("html") is None:
             raise _Reject(FailureCode.MISSING_FIELD, "payload needs 'text' or 'html' (payload_mode rendered)")
-    for rec_key in ("to", "cc", "bcc"):
-        _check_recipient_shapes_present(payload, rec_key)
-    if not _absent(payload, "reply_to"):
-        _check_recipient_present(payload["reply_to"], "payload.reply_to")
-    has_float = _check_depth(payload, canonical)
+    cc = pget("cc")
+    bcc = pget("bcc")
+    for rec_key, items in (("to", to), ("cc", cc), ("bcc", bcc)):
+        if isinstance(items, list):
+            for item in items:
+                if type(item) is not str and isinstance(item, dict) and item.get("email") is None:
+                    _check_recipient_shapes_present(payload, rec_key)
+    reply_to = pget("reply_to")
+    if reply_to is not None:
+        _check_recipient_present(reply_to, "payload.reply_to")
+    has_float = _check_depth(payload, text)
 
     # Entry field values.
-    delivery_id = _text(raw, "delivery_id")
+    delivery_id = _decode(delivery_id_raw, "delivery_id")
     if not _DELIVERY_ID_RE.fullmatch(delivery_id):
         raise _Reject(FailureCode.INVALID_FIELD, "delivery_id must be 1-128 characters of [A-Za-z0-9._:-]")
-    source = _text(raw, "source")
+    source = _decode(source_raw, "source")
     if source not in SOURCES:
         raise _Reject(FailureCode.INVALID_FIELD, f"source must be {_one_of(SOURCES)}, got {_show(source)}")
-    key = _text(raw, "idempotency_key")
+    key = _decode(key_raw, "idempotency_key")
     if not 1 <= len(key) <= 200 or not key.isprintable():
         raise _Reject(FailureCode.INVALID_FIELD, "idempotency_key must be 1-200 printable characters")
     if mode is None:
@@ -241,7 +266,7 @@ def _validate(
     # Payload values.
     template_id: str | None = None
     if mode == PayloadMode.TEMPLATE:
-        template_id = payload["template_id"]
+        template_id = pget("template_id")
         if not isinstance(template_id, str) or not template_id.strip():
             raise _Reject(FailureCode.INVALID_FIELD, "payload.template_id must be a non-blank string")
     else:
@@ -251,26 +276,27 @@ def _validate(
                 FailureCode.INVALID_FIELD,
                 f"payload.subject is {len(subject)} characters long; at most {MAX_SUBJECT} are allowed",
             )
-        text = _content(payload, "text", required=False)
-        html = _content(payload, "html", required=False)
-        if not text and not html:
+        text_body = _content(payload, "text", required=False)
+        html_body = _content(payload, "html", required=False)
+        if not text_body and not html_body:
             raise _Reject(FailureCode.INVALID_FIELD, "payload needs a non-blank 'text' or 'html'")
-    for rec_key in ("to", "cc", "bcc"):
-        value = payload.get(rec_key)
+    for rec_key, value in (("to", to), ("cc", cc), ("bcc", bcc)):
         if value is not None and not isinstance(value, list):
             raise _Reject(FailureCode.INVALID_FIELD, f"payload.{rec_key} must be a list of recipients")
-    _check_headers(payload.get("headers"))
-    variables = payload.get("variables")
+    headers = pget("headers")
+    if headers is not None:
+        _check_headers(headers)
+    variables = pget("variables")
     if variables is not None and not isinstance(variables, dict):
         raise _Reject(FailureCode.INVALID_FIELD, "payload.variables must be an object")
-    tags = payload.get("tags")
+    tags = pget("tags")
     if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
         raise _Reject(FailureCode.INVALID_FIELD, "payload.tags must be a list of strings")
     if "\\u0000" in canonical and _JSON_NUL_RE.search(canonical):
         raise _Reject(FailureCode.INVALID_FIELD, "payload contains a NUL character (\\u0000), which cannot be stored")
 
     # Locale.
-    locale = _text(raw, "locale")
+    locale = _decode(locale_raw, "locale")
     if not _locale_ok(locale):
         raise _Reject(
             FailureCode.INVALID_LOCALE,
@@ -278,45 +304,55 @@ def _validate(
         )
 
     # Recipients.
-    to = payload["to"]
     if not to:
         raise _Reject(FailureCode.INVALID_RECIPIENT, "payload.to must have at least one recipient")
     if len(to) > MAX_TO:
         raise _Reject(FailureCode.INVALID_RECIPIENT,
                       f"payload.to has {len(to)} recipients; at most {MAX_TO} are allowed")
-    total = len(to) + len(payload.get("cc") or ()) + len(payload.get("bcc") or ())
+    total = len(to) + len(cc or ()) + len(bcc or ())
     if total > MAX_RECIPIENTS:
         raise _Reject(
             FailureCode.INVALID_RECIPIENT,
             f"to, cc and bcc have {total} recipients together; at most {MAX_RECIPIENTS} are allowed",
         )
     recipients = {
-        "to": [_recipient(r, f"payload.to[{i}]") for i, r in enumerate(to)],
-        "cc": [_recipient(r, f"payload.cc[{i}]") for i, r in enumerate(payload.get("cc") or ())],
-        "bcc": [_recipient(r, f"payload.bcc[{i}]") for i, r in enumerate(payload.get("bcc") or ())],
+        "to": _recipients(to, "to"),
+        "cc": _recipients(cc, "cc") if cc else [],
+        "bcc": _recipients(bcc, "bcc") if bcc else [],
     }
-    if not _absent(payload, "reply_to"):
-        _recipient(payload["reply_to"], "payload.reply_to")
+    if reply_to is not None:
+        _recipient(reply_to, "payload.reply_to")
 
     # Template.
     if template_id is not None and not has_template(template_id):
         raise _Reject(FailureCode.UNKNOWN_TEMPLATE, f"template {_show(template_id)} is not in the catalog")
 
-    by_value = _canonical_numbers(payload) if has_float else canonical
-    material = "\x1e".join((delivery_id, source, key, payload_mode, locale, send_at_c, by_value))
+    # The fingerprint's material: the fields as read (valid UTF-8, so their bytes are the text's
+    # encoding) and the canonical payload bytes, unless integral floats must be rewritten.
+    material: bytes | None = None
+    if not has_float:
+        parts: tuple[Any, ...] = (delivery_id_raw, source_raw, key_raw, mode_raw, locale_raw, send_at_c.encode(), text)
+        try:
+            material = b"\x1e".join(parts)
+        except TypeError:  # fields given as text (tests, tools): join the decoded values
+            material = None
+    if material is None:
+        by_value = _canonical_numbers(payload) if has_float else canonical
+        material = "\x1e".join((delivery_id, source, key, payload_mode, locale, send_at_c, by_value)).encode()
     return Command(
-        stream_entry_id=entry_id,
-        delivery_id=delivery_id,
-        source=source,
-        idempotency_key=key,
-        payload_mode=payload_mode,
-        locale=locale,
-        template_id=template_id,
-        send_at=send_at,
-        traceparent=traceparent,
-        payload_json=canonical,
-        recipients_json=orjson.dumps(recipients).decode(),
-        fingerprint=hashlib.sha256(material.encode()).hexdigest(),
+        entry_id,
+        delivery_id,
+        source,
+        key,
+        payload_mode,
+        locale,
+        template_id,
+        send_at,
+        traceparent,
+        canonical,
+        orjson.dumps(recipients).decode(),
+        hashlib.sha256(material).hexdigest(),
+        send_at_c or None,
     )
 
 
@@ -335,10 +371,15 @@ _KEYS: Final = {name: name.encode() for name in (*REQUIRED_FIELDS, "send_at", "t
 
 
 def _text(raw: Mapping[bytes, Any], name: str) -> str:
-    """The value of an entry field as text; invalid UTF-8 is an invalid field."""
+    """The value of an entry field as text ("" when absent); invalid UTF-8 is an invalid field."""
     value = raw.get(_KEYS[name])
     if value is None:
         return ""
+    return _decode(value, name)
+
+
+def _decode(value: Any, name: str) -> str:
+    """An entry field's value as text; invalid UTF-8 is an invalid field."""
     try:
         if type(value) is bytes:
             return value.decode()
@@ -366,7 +407,14 @@ _LONG_INT_RE = re.compile(rb"\d\d\d\d\d\d\d\d\d\d\d\d\d\d\d\d\d\d\d")
 
 
 def _parse_payload(data: bytes) -> tuple[Any, str]:
-    """Parse the payload; return it with its canonical JSON text (keys sorted, compact).
+    """Parse the payload; return it with its canonical JSON text (keys sorted, compact)."""
+    value, canonical, _ = _parse(data)
+    return value, canonical
+
+
+def _parse(data: bytes) -> tuple[Any, str, bytes]:
+    """Parse the payload; return it with its canonical JSON text (keys sorted, compact), also
+    as UTF-8 bytes.
 
     orjson does the common case (it also rejects invalid UTF-8, unpaired surrogate escapes,
     NaN/Infinity and nesting deeper than 1024). orjson reads an integer beyond 64 bits as a float,
@@ -376,7 +424,7 @@ def _parse_payload(data: bytes) -> tuple[Any, str]:
         value = orjson.loads(data)
         out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
         if b"e+" not in out or not _LONG_INT_RE.search(data):
-            return value, out.decode()
+            return value, out.decode(), out
     except orjson.JSONDecodeError as exc:
         if isinstance(exc.__cause__, UnicodeDecodeError) or "UTF-8" in str(exc):
             raise _Reject(FailureCode.INVALID_JSON, "payload is not valid UTF-8") from None
@@ -397,24 +445,35 @@ def _parse_payload(data: bytes) -> tuple[Any, str]:
         raise _Reject(FailureCode.INVALID_JSON, f"payload is not valid JSON: {_short(str(exc))}") from None
     try:
         canonical = _CANONICAL.encode(value)
-        canonical.encode("utf-8")
+        encoded = canonical.encode("utf-8")
     except RecursionError:
         raise _Reject(FailureCode.INVALID_FIELD, f"payload is nested deeper than {MAX_DEPTH} levels") from None
     except UnicodeEncodeError:
         raise _Reject(FailureCode.INVALID_JSON, "payload contains an unpaired UTF-16 surrogate escape") from None
-    return value, canonical
+    return value, canonical, encoded
 
 
-_MAYBE_FLOAT_RE = re.compile(r"\d[.eE]")
+# The canonical text reduced to its shape, for `_check_depth`: every digit becomes `0`, `.`, `e`
+# and `E` become `.`, `[` and `{` become `[`, anything else a space (one C-speed pass).
+_SHAPE: Final = bytes(
+    ord("0") if chr(b).isdigit() and b < 128 else
+    ord(".") if b in b".eE" else
+    ord("[") if b in b"[{" else
+    ord(" ")
+    for b in range(256)
+)
 
 
-def _check_depth(payload: Any, canonical: str) -> bool:
+def _check_depth(payload: Any, canonical: bytes) -> bool:
     """Refuse nesting deeper than MAX_DEPTH; return whether the payload may hold a float.
 
     Walks the value only when its canonical text has more opening brackets than the limit or
-    something that looks like a fractional number (the common payload needs neither)."""
-    deep = canonical.count("[") + canonical.count("{") > MAX_DEPTH
-    maybe_float = _MAYBE_FLOAT_RE.search(canonical) is not None
+    something that looks like a fractional number, a digit followed by `.`, `e` or `E` (both
+    JSON encoders write every float so; inside a string it only costs the walk): the common
+    payload needs neither."""
+    shape = canonical.translate(_SHAPE)
+    deep = shape.count(b"[") > MAX_DEPTH
+    maybe_float = b"0." in shape
     if not deep and not maybe_float:
         return False
     has_float = False
@@ -563,12 +622,18 @@ def _send_at(raw: Mapping[bytes, Any], now: datetime) -> tuple[datetime | None, 
         raise _Reject(FailureCode.INVALID_FIELD, f"send_at {_show(text)} is not an RFC 3339 timestamp with an offset")
     value, canonical = parsed
     try:
-        too_late = value > now + MAX_SEND_AHEAD
+        too_late = value > _latest_send_at(now)
     except OverflowError:
         too_late = True
     if too_late:
         raise _Reject(FailureCode.INVALID_FIELD, f"send_at {_show(text)} is more than 366 days ahead")
     return value, canonical
+
+
+@lru_cache(maxsize=4)
+def _latest_send_at(now: datetime) -> datetime:
+    """now + MAX_SEND_AHEAD (a batch validates every entry against the same `now`)."""
+    return now + MAX_SEND_AHEAD
 
 
 @lru_cache(maxsize=1024)
@@ -612,9 +677,20 @@ def valid_traceparent(text: str) -> bool:
 _locale_ok = bcp47.is_canonical
 
 
-def _one_of(values: tuple[str, ...]) -> str:
-    """'a' or 'b' (or 'c'): the values of an enumeration, for a failure detail."""
-    return " or ".join(repr(v) for v in values)
+def _recipients(items: list[Any], key: str) -> list[dict[str, str | None]]:
+    """The recipients of payload.<key>, as `_recipient` reads each (a plain address string
+    without building its position's name unless it is refused)."""
+    out: list[dict[str, str | None]] = []
+    for i, item in enumerate(items):
+        if type(item) is str:
+            normalized = normalize_address(item)
+            if normalized is None:
+                raise _Reject(FailureCode.INVALID_RECIPIENT,
+                              f"payload.{key}[{i}] {_show(item)} is not a valid email address")
+            out.append({"email": normalized, "name": None})
+        else:
+            out.append(_recipient(item, f"payload.{key}[{i}]"))
+    return out
 
 
 def _recipient(item: Any, where: str) -> dict[str, str | None]:
@@ -696,6 +772,11 @@ def _json_type(value: Any) -> str:
 def _short(text: str, limit: int = 120) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _one_of(values: tuple[str, ...]) -> str:
+    """'a' or 'b' (or 'c'): the values of an enumeration, for a failure detail."""
+    return " or ".join(repr(v) for v in values)
 
 
 def _show(value: Any, limit: int = 80) -> str:

@@ -169,6 +169,8 @@ class Consumer:
         # entry id -> (trio time it may be tried again, failures so far)
         self.parked: dict[str, tuple[float, int]] = {}
         self._last_ids: list[str] = []
+        # acknowledgements of committed batches still running (see _pipeline), oldest first
+        self._settling: list[trio.Event] = []
 
     # -- service ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -210,38 +212,48 @@ class Consumer:
             _log.info("command consumer stopped")
 
     async def _pipeline(self, *, on_success: Any) -> None:
-        """Process batches until an error: while one batch of new entries is being committed and
-        acknowledged, the next one is read and validated. Commits stay strictly in stream
-        order (the next starts after the previous one returned); pending and claimed batches
-        are processed with nothing in flight."""
+        """Process batches until an error: while one batch of new entries is being committed, the
+        previous one is acknowledged and the next one is read and validated. Commits stay
+        strictly in stream order (the next starts after the previous one returned); pending and
+        claimed batches are processed with nothing in flight, every committed batch
+        acknowledged first."""
         ready: _Batch | None = None
-        while True:
-            if ready is None:
-                origin, entries = await self._next_entries(None)
-                ready = await self._prepare(entries, origin)
-            if ready.origin != "new" or not ready.entries:
-                await self._finish(ready)
-                ready = None
-            else:
-                current = ready
-                ready = None
-                nxt: list[_Batch] = []
-                try:
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._finish, current)
-                        if self._pending_cursor is None and trio.current_time() < self._next_claim:
-                            entries = await self.stream.read_new(self._batch_count(), self.block)
-                            nxt.append(await self._prepare(entries, "new", checkpoints=True))
-                except BaseException:
-                    for batch in nxt:
-                        batch.end(error=True)
-                    raise
-                if nxt:
-                    ready = nxt[0]
-            on_success()
-            if self._failing_since is not None:
-                self._failing_since = None
-                _log.info("command consumer recovered")
+        self._settling = []
+        async with trio.open_nursery() as settling:
+            while True:
+                if ready is None:
+                    await self._settled()
+                    origin, entries = await self._next_entries(None)
+                    ready = await self._prepare(entries, origin)
+                if ready.origin != "new" or not ready.entries:
+                    await self._settled()
+                    await self._finish(ready)
+                    ready = None
+                else:
+                    current = ready
+                    ready = None
+                    nxt: list[_Batch] = []
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(functools.partial(self._finish, current, settling=settling))
+                            if self._pending_cursor is None and trio.current_time() < self._next_claim:
+                                entries = await self.stream.read_new(self._batch_count(), self.block)
+                                nxt.append(await self._prepare(entries, "new", checkpoints=True))
+                    except BaseException:
+                        for batch in nxt:
+                            batch.end(error=True)
+                        raise
+                    if nxt:
+                        ready = nxt[0]
+                on_success()
+                if self._failing_since is not None:
+                    self._failing_since = None
+                    _log.info("command consumer recovered")
+
+    async def _settled(self) -> None:
+        """Wait until every committed batch is acknowledged (or its acknowledgement failed)."""
+        while self._settling:
+            await self._settling.pop(0).wait()
 
     def _after_failure(self, err: BaseException | None = None) -> None:
         # Whatever was read but not acknowledged is in our pending list: read it again first.
@@ -371,6 +383,11 @@ class Consumer:
             now_ms = now.timestamp() * 1000.0
             ttl_ms = self.settings.idempotency_ttl * 1000.0
             has_template = self.catalog.has_template
+            validate = commands.validate
+            accept_row = store.accept_row
+            message_domain = self.message_domain
+            outcomes = batch.outcomes
+            raw = batch.raw
             size = 0
             for i, (entry_id, fields) in enumerate(entries):
                 if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
@@ -378,7 +395,8 @@ class Consumer:
                 if fields is None:
                     batch.vanished.append(entry_id)
                     continue
-                payload_size = len(fields.get(b"payload") or b"")
+                payload = fields.get(b"payload")
+                payload_size = len(payload) if payload else 0
                 size += payload_size + 256
                 tp = fields.get(b"traceparent")
                 if tp is not None:
@@ -390,15 +408,18 @@ class Consumer:
                     )
                 elif payload_size > OFF_LOOP_BYTES:
                     outcome = await trio.to_thread.run_sync(
-                        functools.partial(commands.validate, entry_id, fields, now=now, has_template=has_template)
+                        functools.partial(validate, entry_id, fields, now=now, has_template=has_template)
                     )
                 else:
-                    outcome = commands.validate(entry_id, fields, now=now, has_template=has_template)
-                if isinstance(outcome, Command) and outcome.traceparent is None:
-                    # every delivery keeps a trace context: the intake batch span's own
-                    outcome.traceparent = batch_tp
-                batch.outcomes.append(outcome)
-                batch.raw[entry_id] = fields
+                    outcome = validate(entry_id, fields, now=now, has_template=has_template)
+                if type(outcome) is Command:
+                    if outcome.traceparent is None:
+                        # every delivery keeps a trace context: the intake batch span's own
+                        outcome.traceparent = batch_tp
+                    # its database row too, while the previous batch is being committed
+                    outcome.row = accept_row(outcome, message_domain)
+                outcomes.append(outcome)
+                raw[entry_id] = fields
             n = len(entries) - len(batch.vanished)
             if n:
                 self._avg_entry_bytes = 0.7 * self._avg_entry_bytes + 0.3 * (size / n)
@@ -429,15 +450,40 @@ class Consumer:
                         "messaging.operation.type": "process"},
         )
 
-    async def _finish(self, batch: _Batch) -> IntakeCounts:
-        """Commit every outcome of a prepared batch in one transaction, then acknowledge it."""
+    async def _finish(self, batch: _Batch, *, settling: trio.Nursery | None = None) -> IntakeCounts:
+        """Commit every outcome of a prepared batch in one transaction, then acknowledge it.
+
+        With `settling`, the acknowledgement and the batch's log lines run there, so that the
+        next commit can start at once (`_settled` waits for them); the counts returned then hold
+        what was committed, and are completed when the batch is acknowledged."""
         counts = IntakeCounts(origin=batch.origin, read=len(batch.entries))
         if not batch.entries:
             return counts
-        self._last_ids = [entry_id for entry_id, _ in batch.entries]
+        ids = self._last_ids = [entry_id for entry_id, _ in batch.entries]
         try:
             result = await self._commit(batch.outcomes, batch.raw, batch.origin != "new")
-            counts.accepted = len(result.accepted)
+        except BaseException as exc:
+            batch.end(error=True, exc=exc)
+            raise
+        counts.accepted = len(result.accepted)
+        if settling is None:
+            await self._settle(batch, ids, result, counts)
+        else:
+            done = trio.Event()
+            self._settling.append(done)
+            settling.start_soon(self._settle, batch, ids, result, counts, done)
+        return counts
+
+    async def _settle(
+        self,
+        batch: _Batch,
+        ids: list[str],
+        result: store.BatchResult,
+        counts: IntakeCounts,
+        done: trio.Event | None = None,
+    ) -> None:
+        """Log what a committed batch decided, acknowledge its entries and end its spans."""
+        try:
             for cmd, existing in result.duplicates:
                 counts.duplicates += 1
                 with batch.use(cmd.stream_entry_id, "duplicate"):
@@ -468,9 +514,10 @@ class Consumer:
                         count=len(batch.vanished),
                         stream_entry_ids=batch.vanished[:20],
                     )
-            counts.acked = await self.stream.ack([entry_id for entry_id, _ in batch.entries])
-            for entry_id, _ in batch.entries:
-                self.parked.pop(entry_id, None)
+            counts.acked = await self.stream.ack(ids)
+            if self.parked:
+                for entry_id in ids:
+                    self.parked.pop(entry_id, None)
             with batch.use(None):
                 _log.debug(
                     "stream batch committed",
@@ -483,8 +530,10 @@ class Consumer:
         except BaseException as exc:
             batch.end(error=True, exc=exc)
             raise
+        finally:
+            if done is not None:
+                done.set()
         batch.end()
-        return counts
 
     async def _commit(
         self, outcomes: list[Outcome], raw: Mapping[str, Mapping[Any, Any]], redelivered: bool

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import MutableMapping
+from functools import lru_cache
 from typing import Any
 
 import structlog
@@ -35,9 +36,15 @@ def _add_otel_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
+@lru_cache(maxsize=4096)
+def _secret(key: str) -> bool:
+    lowered = key.lower()
+    return any(s in lowered for s in _SECRET_KEYS)
+
+
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key in list(event):
-        if any(s in key.lower() for s in _SECRET_KEYS):
+        if _secret(key):
             event[key] = "[redacted]"
     return event
 

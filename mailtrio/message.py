@@ -120,9 +120,14 @@ def message_id_for(source: str, delivery_id: str, domain: str) -> str:
     left = delivery_id
     if not _DOT_ATOM_TEXT_RE.fullmatch(left):
         left = ".".join(seg or "_" for seg in left.replace(":", "=").split("."))
-    if not _DOT_ATOM_TEXT_RE.fullmatch(domain):
-        domain = "localhost"
-    return f"<{left}.{digest}@{domain}>"
+    return f"<{left}.{digest}@{_msgid_domain(domain)}>"
+
+
+@lru_cache(maxsize=64)
+def _msgid_domain(domain: str) -> str:
+    """The right-hand side of a Message-ID: the domain when it is dot-atom-text, else localhost
+    (one domain per instance: checked once)."""
+    return domain if _DOT_ATOM_TEXT_RE.fullmatch(domain) else "localhost"
 
 
 _UNSAFE_ADDRESS = re.compile(r"[\x00-\x20<>\x7f]")

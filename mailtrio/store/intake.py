@@ -58,12 +58,23 @@ def plan_rounds(commands: Sequence[Command]) -> list[list[Command]]:
 
     A command goes one round after the latest round holding its key or its delivery id, so
     commands that depend on each other keep their stream order."""
-    rounds: list[list[Command]] = []
+    if not commands:
+        return []
+    first: list[Command] = []
+    rounds: list[list[Command]] = [first]
     key_round: dict[tuple[str, str], int] = {}
     id_round: dict[str, int] = {}
     for cmd in commands:
         key = (cmd.source, cmd.idempotency_key)
-        n = max(key_round.get(key, -1), id_round.get(cmd.delivery_id, -1)) + 1
+        by_key = key_round.get(key)
+        by_id = id_round.get(cmd.delivery_id)
+        if by_key is None and by_id is None:
+            # the common command: nothing before it in the batch shares its key or id
+            first.append(cmd)
+            key_round[key] = 0
+            id_round[cmd.delivery_id] = 0
+            continue
+        n = max(-1 if by_key is None else by_key, -1 if by_id is None else by_id) + 1
         if n == len(rounds):
             rounds.append([])
         rounds[n].append(cmd)
@@ -118,10 +129,14 @@ async def _commit_round(
     conflicts: list[Malformed],
 ) -> None:
     tcur = conn.cursor(row_factory=tuple_row)
-    await tcur.execute(q("intake_reserve"), {"ttl": ttl, "rows": _reservation_rows(round_)})
-    taken = set(await tcur.fetchall())
-    reserved = [c for c in round_ if (c.source, c.idempotency_key) in taken]
-    blocked = [c for c in round_ if (c.source, c.idempotency_key) not in taken]
+    await tcur.execute(q("intake_accept"), {"ttl": ttl, "rows": _accept_rows(round_, message_domain)})
+    # only the commands not accepted come back: (1-based position, reservation taken)
+    missed = await tcur.fetchall()
+    if not missed:
+        result.accepted.extend(round_)
+        return
+    blocked = [round_[n - 1] for n, reserved in missed if not reserved]
+    clashed = [round_[n - 1] for n, reserved in missed if reserved]
 
     if blocked:
         rows = _json([[c.source, c.idempotency_key] for c in blocked])
@@ -142,11 +157,8 @@ async def _commit_round(
                     )
                 )
 
-    if not reserved:
-        return
-    inserted = await insert_deliveries(conn, reserved, message_domain)
-    clashed = [c for c in reserved if c.delivery_id not in inserted]
-    result.accepted.extend(c for c in reserved if c.delivery_id in inserted)
+    missed_at = {n - 1 for n, _ in missed}
+    result.accepted.extend(c for i, c in enumerate(round_) if i not in missed_at)
     if not clashed:
         return
     cur = await conn.execute(q("intake_delivery_owners"), {"delivery_ids": [c.delivery_id for c in clashed]})
@@ -171,29 +183,33 @@ async def _commit_round(
         await conn.execute(q("intake_release_reservations"), {"rows": _reservation_rows(release)})
 
 
-async def insert_deliveries(conn: Conn, commands: Sequence[Command], message_domain: str) -> set[str]:
-    rows = _json(
+def accept_row(c: Command, message_domain: str) -> bytes:
+    """A command's row of `intake_accept`: a JSON array, columns by position. The consumer builds
+    it ahead of the commit (`Command.row`), while the previous batch is being committed."""
+    fragment = orjson.Fragment
+    return orjson.dumps(
         [
-            [
-                c.delivery_id,
-                c.source,
-                c.idempotency_key,
-                c.payload_mode,
-                c.template_id,
-                c.locale,
-                orjson.Fragment(c.recipients_json),
-                None if c.send_at is None else c.send_at.isoformat(),
-                message_id_for(c.source, c.delivery_id, message_domain),
-                c.traceparent,
-                c.stream_entry_id,
-                orjson.Fragment(c.payload_json),
-            ]
-            for c in commands
+            c.delivery_id,
+            c.source,
+            c.idempotency_key,
+            c.fingerprint,
+            c.payload_mode,
+            c.template_id,
+            c.locale,
+            fragment(c.recipients_json),
+            c.send_at_text if c.send_at_text is not None or c.send_at is None else c.send_at.isoformat(),
+            message_id_for(c.source, c.delivery_id, message_domain),
+            c.traceparent,
+            c.stream_entry_id,
+            fragment(c.payload_json),
         ]
     )
-    tcur = conn.cursor(row_factory=tuple_row)
-    await tcur.execute(q("intake_insert_deliveries"), {"rows": rows})
-    return {row[0] for row in await tcur.fetchall()}
+
+
+def _accept_rows(commands: Sequence[Command], message_domain: str) -> str:
+    """The rows of `intake_accept` (see `accept_row`; a row built ahead is used as it is)."""
+    rows = [c.row if c.row is not None else accept_row(c, message_domain) for c in commands]
+    return (b"[" + b",".join(rows) + b"]").decode()
 
 
 async def insert_malformed(conn: Conn, rows: Sequence[Malformed]) -> set[str]:
@@ -223,10 +239,4 @@ def _json(rows: list[list[Any]]) -> str:
 
 
 def _reservation_rows(commands: Sequence[Command]) -> str:
-    return _json(
-        [
-            [c.source, c.idempotency_key, c.delivery_id, c.fingerprint,
-             None if c.send_at is None else c.send_at.isoformat()]
-            for c in commands
-        ]
-    )
+    return _json([[c.source, c.idempotency_key, c.delivery_id, c.fingerprint] for c in commands])

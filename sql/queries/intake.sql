@@ -5,48 +5,44 @@
 -- arrive as JSON values inside it, parsed once. Rows are handled in key order so that two
 -- consumers committing overlapping batches take their row locks in the same order.
 
--- name: intake_reserve
--- Take the idempotency reservation of each command, or take over one that has expired. A row
--- comes back only for a reservation taken here; a live reservation (committed by another
--- command, or by a concurrent transaction we waited for) stays untouched and returns nothing.
--- A reservation lasts until max(now, send_at) + MAIL_IDEMPOTENCY_TTL, and one whose delivery is
--- not final yet is never taken over, whatever its expiry.
-INSERT INTO mail.idempotency_reservations AS r
-    (source, idempotency_key, delivery_id, fingerprint, created_at, expires_at)
-SELECT c.source, c.idempotency_key, c.delivery_id, c.fingerprint, now(),
-       greatest(now(), c.send_at) + %(ttl)s::interval
-FROM (SELECT e ->> 0 AS source, e ->> 1 AS idempotency_key, e ->> 2 AS delivery_id, e ->> 3 AS fingerprint,
-             (e ->> 4)::timestamptz AS send_at
-      FROM jsonb_array_elements(%(rows)s::jsonb) AS e) AS c
-ORDER BY c.source, c.idempotency_key
-ON CONFLICT (source, idempotency_key) DO UPDATE
-SET delivery_id = excluded.delivery_id,
-    fingerprint = excluded.fingerprint,
-    created_at = excluded.created_at,
-    expires_at = excluded.expires_at
-WHERE r.expires_at <= now()
-  AND NOT EXISTS (SELECT 1 FROM mail.deliveries d
-                  WHERE d.delivery_id = r.delivery_id AND d.status IN ('queued', 'rendered', 'sending'))
-RETURNING r.source, r.idempotency_key;
-
--- name: intake_reservations_get
--- The live reservations of the keys this batch could not take.
-SELECT r.source, r.idempotency_key, r.delivery_id, r.fingerprint
-FROM mail.idempotency_reservations r
-JOIN (SELECT e ->> 0 AS source, e ->> 1 AS idempotency_key
-      FROM jsonb_array_elements(%(rows)s::jsonb) AS e) AS c
-  ON r.source = c.source AND r.idempotency_key = c.idempotency_key;
-
--- name: intake_insert_deliveries
--- New queued deliveries and their payloads in one statement. A delivery_id that already exists
--- is skipped (the caller turns it into a duplicate or a conflict); payloads are stored only for
+-- name: intake_accept
+-- One round of well-formed commands in one statement: take each command's idempotency
+-- reservation (or take over one that has expired), then insert the queued delivery and its
+-- payload of each command whose reservation was taken. Returns only the commands that were not
+-- accepted (1-based positions in %(rows)s), with whether their reservation was taken: not taken =
+-- a live reservation blocks it (a duplicate or a conflict); taken = its delivery_id exists (the
+-- caller looks at both and gives back reservations taken for conflicts).
+--
+-- Reservations: a live one (committed by another command, or by a concurrent transaction we
+-- waited for) stays untouched. A reservation lasts until max(now, send_at) +
+-- MAIL_IDEMPOTENCY_TTL, and one whose delivery is not final yet is never taken over, whatever its
+-- expiry. Deliveries: a delivery_id that already exists is skipped; payloads are stored only for
 -- the deliveries inserted here. next_attempt_at = schedule_entered_at = max(now, send_at).
+-- Reservations are all taken (in key order) before any delivery is inserted (in id order: the
+-- insert reads the sorted join with the reservations taken).
 WITH c AS (
-    SELECT e ->> 0 AS delivery_id, e ->> 1 AS source, e ->> 2 AS idempotency_key, e ->> 3 AS payload_mode,
-           e ->> 4 AS template_id, e ->> 5 AS locale, e -> 6 AS recipients,
-           (e ->> 7)::timestamptz AS send_at, e ->> 8 AS message_id, e ->> 9 AS traceparent,
-           e ->> 10 AS stream_entry_id, e -> 11 AS payload
-    FROM jsonb_array_elements(%(rows)s::jsonb) AS e
+    SELECT e.n AS n, e.value ->> 0 AS delivery_id, e.value ->> 1 AS source, e.value ->> 2 AS idempotency_key,
+           e.value ->> 3 AS fingerprint, e.value ->> 4 AS payload_mode, e.value ->> 5 AS template_id,
+           e.value ->> 6 AS locale, e.value -> 7 AS recipients, (e.value ->> 8)::timestamptz AS send_at,
+           e.value ->> 9 AS message_id, e.value ->> 10 AS traceparent, e.value ->> 11 AS stream_entry_id,
+           e.value -> 12 AS payload
+    FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS e(value, n)
+), r AS (
+    INSERT INTO mail.idempotency_reservations AS r
+        (source, idempotency_key, delivery_id, fingerprint, created_at, expires_at)
+    SELECT c.source, c.idempotency_key, c.delivery_id, c.fingerprint, now(),
+           greatest(now(), c.send_at) + %(ttl)s::interval
+    FROM c
+    ORDER BY c.source, c.idempotency_key
+    ON CONFLICT (source, idempotency_key) DO UPDATE
+    SET delivery_id = excluded.delivery_id,
+        fingerprint = excluded.fingerprint,
+        created_at = excluded.created_at,
+        expires_at = excluded.expires_at
+    WHERE r.expires_at <= now()
+      AND NOT EXISTS (SELECT 1 FROM mail.deliveries x
+                      WHERE x.delivery_id = r.delivery_id AND x.status IN ('queued', 'rendered', 'sending'))
+    RETURNING r.source, r.idempotency_key
 ), d AS (
     INSERT INTO mail.deliveries
         (delivery_id, source, idempotency_key, status, payload_mode, template_id, locale, recipients,
@@ -59,7 +55,7 @@ WITH c AS (
                                            || (c.recipients -> 'bcc')) AS e),
            c.send_at, greatest(now(), c.send_at), greatest(now(), c.send_at), c.message_id, c.traceparent,
            c.stream_entry_id
-    FROM c
+    FROM c JOIN r ON r.source = c.source AND r.idempotency_key = c.idempotency_key
     ORDER BY c.delivery_id
     ON CONFLICT (delivery_id) DO NOTHING
     RETURNING delivery_id
@@ -67,7 +63,20 @@ WITH c AS (
     INSERT INTO mail.payloads (delivery_id, payload)
     SELECT c.delivery_id, c.payload FROM c JOIN d ON d.delivery_id = c.delivery_id
 )
-SELECT delivery_id FROM d;
+SELECT c.n, r.source IS NOT NULL AS reserved
+FROM c
+LEFT JOIN r ON r.source = c.source AND r.idempotency_key = c.idempotency_key
+LEFT JOIN d ON d.delivery_id = c.delivery_id
+WHERE d.delivery_id IS NULL
+ORDER BY c.n;
+
+-- name: intake_reservations_get
+-- The live reservations of the keys this batch could not take.
+SELECT r.source, r.idempotency_key, r.delivery_id, r.fingerprint
+FROM mail.idempotency_reservations r
+JOIN (SELECT e ->> 0 AS source, e ->> 1 AS idempotency_key
+      FROM jsonb_array_elements(%(rows)s::jsonb) AS e) AS c
+  ON r.source = c.source AND r.idempotency_key = c.idempotency_key;
 
 -- name: intake_delivery_owners
 -- Who owns the delivery ids this batch could not insert.
