@@ -183,11 +183,13 @@ class Stream:
                 return await bridge.call(fn)
 
     async def read_new(self, count: int, block: float) -> list[Entry]:
-        """XREADGROUP `>`: up to `count` never-delivered entries, waiting at most `block` seconds."""
+        """XREADGROUP `>`: up to `count` never-delivered entries, waiting at most `block` seconds
+        (0: what is there now, without waiting)."""
 
         async def _read() -> Any:
             return await self.client.xreadgroup(
-                self.group, self.consumer, {self.name: ">"}, count=count, block=max(1, int(block * 1000))
+                self.group, self.consumer, {self.name: ">"}, count=count,
+                block=max(1, int(block * 1000)) if block > 0 else None
             )
 
         entries: list[Entry] = await self._grouped(_read, block + CALL_TIMEOUT)
