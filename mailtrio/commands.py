@@ -120,7 +120,7 @@ class Command:
     send_at_text: str | None = None
     # the command's row for the database, built ahead of the commit by the consumer
     # (mailtrio.store.intake.accept_row); None: built at the commit
-    row: bytes | None = None
+    row: list[Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

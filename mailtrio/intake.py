@@ -492,6 +492,11 @@ class Consumer:
             batch.end(error=True, exc=exc)
             raise
         counts.accepted = len(result.accepted)
+        # The acknowledgement needs the ids, the duplicates and rejections and the spans: the
+        # batch's entries, outcomes and rows are let go now rather than after it.
+        result.accepted = []
+        batch.outcomes = []
+        batch.raw = {}
         if settling is None:
             await self._settle(batch, ids, result, counts)
         else:

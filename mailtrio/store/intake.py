@@ -183,33 +183,31 @@ async def _commit_round(
         await conn.execute(q("intake_release_reservations"), {"rows": _reservation_rows(release)})
 
 
-def accept_row(c: Command, message_domain: str) -> bytes:
-    """A command's row of `intake_accept`: a JSON array, columns by position. The consumer builds
-    it ahead of the commit (`Command.row`), while the previous batch is being committed."""
+def accept_row(c: Command, message_domain: str) -> list[Any]:
+    """A command's row of `intake_accept`, columns by position (JSON texts as fragments). The
+    consumer builds it ahead of the commit (`Command.row`), while the previous batch is being
+    committed; the commit serialises a round's rows in one call."""
     fragment = orjson.Fragment
-    return orjson.dumps(
-        [
-            c.delivery_id,
-            c.source,
-            c.idempotency_key,
-            c.fingerprint,
-            c.payload_mode,
-            c.template_id,
-            c.locale,
-            fragment(c.recipients_json),
-            c.send_at_text if c.send_at_text is not None or c.send_at is None else c.send_at.isoformat(),
-            message_id_for(c.source, c.delivery_id, message_domain),
-            c.traceparent,
-            c.stream_entry_id,
-            fragment(c.payload_json),
-        ]
-    )
+    return [
+        c.delivery_id,
+        c.source,
+        c.idempotency_key,
+        c.fingerprint,
+        c.payload_mode,
+        c.template_id,
+        c.locale,
+        fragment(c.recipients_json),
+        c.send_at_text if c.send_at_text is not None or c.send_at is None else c.send_at.isoformat(),
+        message_id_for(c.source, c.delivery_id, message_domain),
+        c.traceparent,
+        c.stream_entry_id,
+        fragment(c.payload_json),
+    ]
 
 
 def _accept_rows(commands: Sequence[Command], message_domain: str) -> str:
     """The rows of `intake_accept` (see `accept_row`; a row built ahead is used as it is)."""
-    rows = [c.row if c.row is not None else accept_row(c, message_domain) for c in commands]
-    return (b"[" + b",".join(rows) + b"]").decode()
+    return _json([c.row if c.row is not None else accept_row(c, message_domain) for c in commands])
 
 
 async def insert_malformed(conn: Conn, rows: Sequence[Malformed]) -> set[str]:
