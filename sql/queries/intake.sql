@@ -71,12 +71,18 @@ WHERE d.delivery_id IS NULL
 ORDER BY c.n;
 
 -- name: intake_reservations_get
--- The live reservations of the keys this batch could not take.
+-- The live reservations of the keys this batch could not take, each read through the primary
+-- key. (As a plain join, a prepared plan that estimates the table small hashes the keys and
+-- scans every reservation, a week of commands, for each batch holding a duplicate: the
+-- LIMIT keeps the lookup inside the loop over the keys.)
 SELECT r.source, r.idempotency_key, r.delivery_id, r.fingerprint
-FROM mail.idempotency_reservations r
-JOIN (SELECT e ->> 0 AS source, e ->> 1 AS idempotency_key
-      FROM jsonb_array_elements(%(rows)s::jsonb) AS e) AS c
-  ON r.source = c.source AND r.idempotency_key = c.idempotency_key;
+FROM jsonb_array_elements(%(rows)s::jsonb) AS e
+CROSS JOIN LATERAL (
+    SELECT x.source, x.idempotency_key, x.delivery_id, x.fingerprint
+    FROM mail.idempotency_reservations x
+    WHERE x.source = e ->> 0 AND x.idempotency_key = e ->> 1
+    LIMIT 1
+) AS r;
 
 -- name: intake_delivery_owners
 -- Who owns the delivery ids this batch could not insert.
@@ -107,13 +113,15 @@ RETURNING stream_entry_id;
 -- name: intake_prior_outcomes
 -- For redelivered entries (read again from a pending list): those whose outcome is already
 -- committed, as a quarantine row or as the delivery they created.
-WITH c AS (
-    SELECT e ->> 0 AS delivery_id, e ->> 1 AS stream_entry_id FROM jsonb_array_elements(%(rows)s::jsonb) AS e
-)
-SELECT m.stream_entry_id FROM mail.malformed_commands m JOIN c ON m.stream_entry_id = c.stream_entry_id
-UNION
-SELECT d.stream_entry_id FROM mail.deliveries d
-JOIN c ON d.delivery_id = c.delivery_id AND d.stream_entry_id = c.stream_entry_id;
+-- Each entry is looked up through the unique index of its quarantine row and the primary key
+-- of its delivery (the OR keeps both lookups inside the loop over the entries: as joins, a
+-- prepared plan that estimates the tables small scans all of them).
+SELECT c.stream_entry_id
+FROM (SELECT e ->> 0 AS delivery_id, e ->> 1 AS stream_entry_id
+      FROM jsonb_array_elements(%(rows)s::jsonb) AS e) AS c
+WHERE EXISTS (SELECT 1 FROM mail.malformed_commands m WHERE m.stream_entry_id = c.stream_entry_id)
+   OR EXISTS (SELECT 1 FROM mail.deliveries d
+              WHERE d.delivery_id = c.delivery_id AND d.stream_entry_id = c.stream_entry_id);
 
 -- name: intake_notify_schedule
 -- Wake the scheduler (it LISTENs on mail_schedule); delivered at commit.
