@@ -17,6 +17,7 @@ import orjson
 import trio
 
 from mailtrio.store import Conn
+from mailtrio.store.native import pipelined_transaction
 from mailtrio.store.queries import q
 
 
@@ -322,7 +323,7 @@ async def claim_batch(
     prepared.stored = set()
     if prepared.contents or prepared.failures:
         cur = None
-        async with conn.pipeline(), conn.transaction():
+        async with pipelined_transaction(conn):
             await conn.execute("SET LOCAL synchronous_commit = off")
             if prepared.contents:
                 cur = await conn.execute(q("store_content"), _batch_params(owner, prepared.contents))

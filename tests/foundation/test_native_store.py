@@ -155,3 +155,52 @@ async def test_notifies_wait_with_a_timeout_from_trio(database: str) -> None:
         finally:
             listener.pgconn.finish()
             await db.close()
+
+
+async def test_pipelined_transactions_commit_whole_or_not_at_all(database: str) -> None:
+    """`Database.transaction(pipeline=True)`: one transaction, committed only when its body
+    returns; a body that raises or a statement that fails leaves nothing behind, and the
+    connection that held the open transaction is not handed out again."""
+    async with bridge.open_loop():
+        db = Database(database, 1, min_size=1)
+        await db.open()
+        try:
+            await db.run(lambda conn: conn.execute("CREATE TABLE IF NOT EXISTS pipelined_tx (n int PRIMARY KEY)"))
+
+            async def insert(conn: Any, values: tuple[int, ...], fail: str | None = None) -> int:
+                for n in values:
+                    await conn.execute("INSERT INTO pipelined_tx VALUES (%s)", (n,))
+                cur = await conn.execute("SELECT count(*) AS c FROM pipelined_tx")
+                row = await cur.fetchone()  # read inside the transaction: sees its own rows
+                if fail == "raise":
+                    raise RuntimeError("the body gave up")
+                if fail == "statement":
+                    await conn.execute("INSERT INTO pipelined_tx VALUES (1)")  # duplicate key
+                return int(row["c"])
+
+            async def count(conn: Any) -> list[int]:
+                cur = await conn.execute("SELECT n FROM pipelined_tx ORDER BY n")
+                return [r["n"] for r in await cur.fetchall()]
+
+            assert await db.transaction(lambda c: insert(c, (1, 2)), pipeline=True) == 2
+            assert await db.run(count) == [1, 2]
+            before = await db.run(_pid)
+
+            with pytest.raises(RuntimeError):
+                await db.transaction(lambda c: insert(c, (3, 4), "raise"), pipeline=True)
+            assert await db.run(count) == [1, 2]
+            assert await db.run(_pid) != before  # the connection left in a transaction was closed
+
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                await db.transaction(lambda c: insert(c, (5,), "statement"), pipeline=True)
+            assert await db.run(count) == [1, 2]
+
+            async def status(conn: Any) -> str:
+                cur = await conn.execute("SELECT 1 AS one")
+                await cur.fetchone()
+                return psycopg.pq.TransactionStatus(conn.pgconn.transaction_status).name
+
+            assert await db.run(status) == "IDLE"  # autocommit again after a pipelined transaction
+            await db.run(lambda conn: conn.execute("DROP TABLE pipelined_tx"))
+        finally:
+            await db.close()
