@@ -246,11 +246,19 @@ class Consumer:
                     current = ready
                     ready = None
                     nxt: list[_Batch] = []
+                    committed = trio.Event()
+                    read_during_commit = False
+
+                    async def commit(batch: _Batch = current, done: trio.Event = committed) -> None:
+                        await self._finish(batch, settling=settling)
+                        done.set()
+
                     try:
                         async with trio.open_nursery() as nursery:
-                            nursery.start_soon(functools.partial(self._finish, current, settling=settling))
+                            nursery.start_soon(commit)
                             if self._pending_cursor is None and trio.current_time() < self._next_claim:
                                 entries = await self.stream.read_new(self._batch_count(), self.block)
+                                read_during_commit = not committed.is_set()
                                 nxt.append(await self._prepare(entries, "new", checkpoints=True))
                     except BaseException:
                         for batch in nxt:
@@ -258,7 +266,10 @@ class Consumer:
                         raise
                     if nxt:
                         ready = nxt[0]
-                        await self._top_up(ready)
+                        if read_during_commit:
+                            # entries that arrived during the rest of that commit join this batch;
+                            # a read that returned after the commit already saw everything
+                            await self._top_up(ready)
                 on_success()
                 if self._failing_since is not None:
                     self._failing_since = None
