@@ -108,13 +108,21 @@ class TrioConnection(psycopg.AsyncConnection[Any]):
 
     Interrupted in asyncio (a cancelled bridged call), the query is abandoned: the connection is
     closed at once instead of psycopg's cancel request and wait (up to 5 s + 5 s against a
-    stalled server). Interrupted in Trio, `TrioPool` closes it likewise."""
+    stalled server). Interrupted in Trio (a wait cancelled), it is closed at once likewise."""
 
     async def wait(self, gen: PQGen[RV], interval: float = 0.1, timeout: float | None = None) -> RV:  # noqa: ASYNC109
         if sniffio.current_async_library() == "trio":
             if self.pgconn.status == pq.ConnStatus.BAD:
                 raise e.OperationalError("the connection is closed")
-            return await trio_wait(gen, self.pgconn.socket, timeout)
+            try:
+                return await trio_wait(gen, self.pgconn.socket, timeout)
+            except trio.Cancelled:
+                # Cut short mid-exchange, the connection's state is unknown: close it now (local,
+                # immediate). psycopg's clean-up then sees a closed connection and lets the
+                # cancellation through (a pipeline otherwise fails to leave pipeline mode with
+                # results outstanding and raises that instead).
+                self.pgconn.finish()
+                raise
         return await super().wait(gen, interval, timeout)
 
     async def _try_cancel(self, *, timeout: float = 5.0) -> None:  # noqa: ASYNC109 (psycopg signature)

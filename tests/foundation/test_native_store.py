@@ -204,3 +204,33 @@ async def test_pipelined_transactions_commit_whole_or_not_at_all(database: str) 
             await db.run(lambda conn: conn.execute("DROP TABLE pipelined_tx"))
         finally:
             await db.close()
+
+
+async def test_a_cancelled_pipelined_transaction_is_cancelled_not_an_error(database: str) -> None:
+    """Cancelled while its results are outstanding, a pipelined unit ends in the cancellation
+    itself (psycopg would otherwise fail to leave pipeline mode and raise that instead); the
+    transaction is rolled back with its connection."""
+    async with bridge.open_loop():
+        db = Database(database, 1, min_size=1)
+        await db.open()
+        try:
+            await db.run(lambda conn: conn.execute("CREATE TABLE IF NOT EXISTS pipelined_cancel (n int)"))
+
+            async def slow(conn: Any) -> None:
+                await conn.execute("INSERT INTO pipelined_cancel VALUES (1)")
+                await conn.execute("SELECT pg_sleep(2)")
+
+            for _ in range(3):
+                with trio.move_on_after(0.2) as scope:
+                    await db.transaction(slow, pipeline=True)
+                assert scope.cancelled_caught
+
+            async def count(conn: Any) -> int:
+                cur = await conn.execute("SELECT count(*) AS n FROM pipelined_cancel")
+                row = await cur.fetchone()
+                return int(row["n"])
+
+            assert await db.run(count) == 0
+            await db.run(lambda conn: conn.execute("DROP TABLE pipelined_cancel"))
+        finally:
+            await db.close()
