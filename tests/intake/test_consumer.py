@@ -538,3 +538,56 @@ async def test_an_entry_the_database_refuses_is_quarantined_alone(
     assert bad.failure_detail.startswith("rejected by the database")
     assert set(tables.deliveries()) == {"db-1", "db-2", "db-4", "db-5"}
     assert tables.malformed()["3-0"]["delivery_id"] == "db-3"
+
+
+class AckRecorder:
+    """Wraps a Stream: records the ids of every XACK (each call still reaches Redis)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.calls: list[list[str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def ack(self, ids: Any) -> int:
+        self.calls.append(list(ids))
+        return int(await self._stream.ack(ids))
+
+
+async def test_acknowledgements_of_batches_committed_close_together_share_one_xack(
+    intake_settings: Settings, xadd: Any, tables: Tables, redis_client: redis.Redis, stream_key: str
+) -> None:
+    """A trickle of commands (each its own batch and commit): every entry is acknowledged exactly
+    once, in fewer XACK calls than batches, and nothing stays pending."""
+    async with opened(intake_settings) as w, trio.open_nursery() as nursery:
+        recorder = AckRecorder(w.stream)
+        w.consumer.stream = recorder  # type: ignore[assignment]
+        await nursery.start(w.consumer.run)
+        ids = []
+        for i in range(40):
+            ids.append(xadd(entry(delivery_id=f"t-{i}")))
+            await trio.sleep(0.005)
+        await eventually(lambda: tables.count("deliveries") == 40 and pending_count(redis_client, stream_key) == 0,
+                         what="40 deliveries, nothing pending")
+        nursery.cancel_scope.cancel()
+    acked = [entry_id for call in recorder.calls for entry_id in call]
+    assert sorted(acked) == sorted(ids)  # each entry once
+    batches = tables.one("SELECT count(DISTINCT created_at) FROM mail.deliveries")
+    assert batches > 5, batches  # the trickle really came in many commits
+    assert len(recorder.calls) < batches, (len(recorder.calls), batches)
+
+
+async def test_a_consumer_stopped_right_after_a_commit_still_acknowledges_it(
+    intake_settings: Settings, xadd: Any, tables: Tables, redis_client: redis.Redis, stream_key: str
+) -> None:
+    async with opened(intake_settings) as w:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(w.consumer.run)
+            xadd(entry(delivery_id="s-0"))
+            # committed, and its acknowledgement gathering others for the next XACK
+            await eventually(lambda: w.consumer._ack_round is not None, step=0.001, what="an XACK gathering")
+            assert tables.count("deliveries") == 1
+            assert pending_count(redis_client, stream_key) == 1
+            nursery.cancel_scope.cancel()
+        assert pending_count(redis_client, stream_key) == 0  # sent on the way out
