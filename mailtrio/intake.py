@@ -79,8 +79,6 @@ COMMIT_TIMEOUT = 60.0
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 2.0
 PAUSE_GC = True
-# Batches up to this size commit in libpq pipeline mode (see Database.transaction).
-PIPELINE_MAX_BATCH = 64
 # An entry whose payload is larger than this is validated in a worker thread (parsing and
 # checking 512 KiB takes milliseconds); smaller ones inline, yielding every CHECKPOINT_EVERY.
 OFF_LOOP_BYTES = 64 * 1024
@@ -671,9 +669,7 @@ class Consumer:
             )
 
         with trio.fail_after(COMMIT_TIMEOUT):
-            # Small batches (a trickle of commands, where latency counts) save two round trips in
-            # pipeline mode; large ones do not: there its bookkeeping costs more than it saves.
-            return await self.db.transaction(_tx, pipeline=len(outcomes) <= PIPELINE_MAX_BATCH)
+            return await self.db.transaction(_tx)
 
 
 def _merge(a: store.BatchResult, b: store.BatchResult) -> store.BatchResult:

@@ -17,7 +17,6 @@ import orjson
 import trio
 
 from mailtrio.store import Conn
-from mailtrio.store.native import pipelined_transaction
 from mailtrio.store.queries import q
 
 
@@ -304,14 +303,15 @@ async def claim_batch(
 ) -> tuple[P, float | None]:
     """Claim due deliveries (with the wait until the next one is due, see claim_due_and_next),
     then store what `prepare` rendered for them and fail those it could not render or decode
-    (`prepare` gets the decoded claims and the rows that could not be decoded): two round trips,
-    the second pipelined.
+    (`prepare` gets the decoded claims and the rows that could not be decoded): two round trips
+    (a batch with render failures as well: four, in one transaction).
 
     The claim commits on its own and synchronously: a lease that reached disk is what lets a
     rescue record an `interrupted` attempt if this instance dies mid-send. The content write is
-    fenced on that lease and committed with synchronous_commit off, so nothing waits for a second
-    WAL flush before sending: it is visible at once and durable within the WAL writer's delay or
-    with the next synchronous commit (the attempt's outcome). Only a PostgreSQL crash in between
+    fenced on that lease and committed with synchronous_commit off (the statement sets it for
+    its own transaction), so nothing waits for a second WAL flush before sending: it is visible
+    at once and durable within the WAL writer's delay or with the next synchronous commit (the
+    attempt's outcome). Only a PostgreSQL crash in between
     could drop it, and then the lease expires and the next claim renders the same payload again.
     """
     claims, broken, wait = await claim_due_and_next(conn, owner=owner, lease_seconds=lease_seconds, limit=limit)
@@ -321,16 +321,17 @@ async def claim_batch(
     else:
         prepared = prepare(claims, broken)
     prepared.stored = set()
-    if prepared.contents or prepared.failures:
-        cur = None
-        async with pipelined_transaction(conn):
-            await conn.execute("SET LOCAL synchronous_commit = off")
+    if prepared.contents and not prepared.failures:
+        # One statement, its own transaction (the usual case: one round trip, no BEGIN/COMMIT).
+        cur = await conn.execute(q("store_content"), _batch_params(owner, prepared.contents))
+        prepared.stored = {r["delivery_id"] for r in await cur.fetchall()}
+    elif prepared.contents or prepared.failures:
+        async with conn.transaction():
             if prepared.contents:
                 cur = await conn.execute(q("store_content"), _batch_params(owner, prepared.contents))
+                prepared.stored = {r["delivery_id"] for r in await cur.fetchall()}
             if prepared.failures:
                 await conn.execute(q("finish_attempts"), _batch_params(owner, prepared.failures))
-        if cur is not None:
-            prepared.stored = {r["delivery_id"] for r in await cur.fetchall()}
     return prepared, wait
 
 

@@ -129,24 +129,6 @@ class TrioConnection(psycopg.AsyncConnection[Any]):
         self.pgconn.finish()
 
 
-@contextlib.asynccontextmanager
-async def pipelined_transaction(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
-    """One transaction in libpq pipeline mode on an autocommit connection, at the cost of the
-    round trips its body waits for plus one: BEGIN is queued with the first statement and COMMIT
-    with the last, and a single Sync ends the pipeline. (psycopg's `transaction()` inside a
-    pipeline syncs after BEGIN and again after COMMIT: three more round trips per unit.)
-
-    If the body raises, COMMIT is never queued: the Sync at the pipeline's end leaves the
-    transaction open (or failed) on the server, the connection is not idle, and `TrioPool` closes
-    it rather than reuse it, which rolls the transaction back. A statement that fails aborts the
-    rest of the pipeline, COMMIT included, and its error is raised where the body reads its
-    results or, at the latest, when the pipeline ends."""
-    async with conn.pipeline():
-        await conn.execute("BEGIN")
-        yield
-        await conn.execute("COMMIT")
-
-
 class PoolTimeout(psycopg.OperationalError):
     """No connection of the pool became free in time."""
 

@@ -68,11 +68,15 @@ WHERE status IN ('queued', 'rendered');
 -- The ids also come as an array (`= ANY(%(ids)s)`): an index condition with an estimate the size
 -- of the batch, so that no plan, generic or made from statistics taken while the table was still
 -- small, joins the rows of jsonb_to_recordset (estimated at 100) by scanning a whole table.
+-- The statement turns synchronous_commit off for its own transaction (set_config, local): it runs
+-- alone, as its own transaction, and nothing should wait for this commit's WAL flush (see
+-- store.engine.claim_batch: the claim before it was flushed, the outcome after it will be).
 WITH i AS (
     SELECT *
     FROM jsonb_to_recordset(%(rows)s::jsonb) AS t(
         delivery_id text, lease_started_at timestamptz, subject text, text_body text,
         html_body text, headers jsonb, resolved_locale text)
+    WHERE set_config('synchronous_commit', 'off', true) = 'off'
 )
 UPDATE mail.payloads p
 SET subject = i.subject,

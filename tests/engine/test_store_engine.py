@@ -20,6 +20,7 @@ class Prep:
     contents: list[store.ContentWrite] = field(default_factory=list)
     failures: list[store.Finish] = field(default_factory=list)
     claims: list[store.Claim] = field(default_factory=list)
+    stored: set[str] = field(default_factory=set)
 
 
 def render_all(claims: list[store.Claim], broken: list[store.Undecodable] | None = None) -> Prep:
@@ -278,3 +279,32 @@ def test_batch_json_is_the_stdlibs(value: object) -> None:
     stdlib's own text does, whatever the values (big integers, surrogates and NULs included)."""
     reference = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     assert json.loads(store._dumps(value)) == json.loads(reference)
+
+
+async def test_the_content_write_is_one_statement_that_skips_the_wal_flush_wait(db: Database, database: str) -> None:
+    """store_content turns synchronous_commit off for its own transaction only (set_config, local),
+    so it can run alone in autocommit; contents alone are written in that one statement."""
+    h.insert(database, [h.delivery("c-1"), h.delivery("c-2")])
+    prep, _ = await db.run(lambda conn: store.claim_batch(conn, owner="me", lease_seconds=30, limit=5,
+                                                          prepare=render_all))
+    assert prep.stored == {"c-1", "c-2"} and not prep.failures
+    h.insert(database, [h.delivery("c-3")])
+    claims = await claim_only(db)
+
+    async def inside(conn: object) -> tuple[str, str]:
+        async with conn.transaction():  # type: ignore[attr-defined]
+            rows = store._batch_params("me", render_all(claims).contents)
+            await conn.execute(store.q("store_content"), rows)  # type: ignore[attr-defined]
+            cur = await conn.execute("SHOW synchronous_commit")  # type: ignore[attr-defined]
+            during = (await cur.fetchone())["synchronous_commit"]
+        cur = await conn.execute("SHOW synchronous_commit")  # type: ignore[attr-defined]
+        return during, (await cur.fetchone())["synchronous_commit"]
+
+    assert await db.run(inside) == ("off", "on")
+    payload = h.query(database, "SELECT subject FROM mail.payloads WHERE delivery_id = 'c-3'")[0]
+    assert payload["subject"] == "Subject c-3"
+
+
+async def claim_only(db: Database) -> list[store.Claim]:
+    claims, _, _ = await db.run(lambda conn: store.claim_due_and_next(conn, owner="me", lease_seconds=30, limit=5))
+    return claims

@@ -157,10 +157,9 @@ async def test_notifies_wait_with_a_timeout_from_trio(database: str) -> None:
             await db.close()
 
 
-async def test_pipelined_transactions_commit_whole_or_not_at_all(database: str) -> None:
-    """`Database.transaction(pipeline=True)`: one transaction, committed only when its body
-    returns; a body that raises or a statement that fails leaves nothing behind, and the
-    connection that held the open transaction is not handed out again."""
+async def test_transactions_commit_whole_or_not_at_all(database: str) -> None:
+    """`Database.transaction`: one transaction, committed only when its body returns; a body that
+    raises or a statement that fails leaves nothing behind."""
     async with bridge.open_loop():
         db = Database(database, 1, min_size=1)
         await db.open()
@@ -182,17 +181,14 @@ async def test_pipelined_transactions_commit_whole_or_not_at_all(database: str) 
                 cur = await conn.execute("SELECT n FROM pipelined_tx ORDER BY n")
                 return [r["n"] for r in await cur.fetchall()]
 
-            assert await db.transaction(lambda c: insert(c, (1, 2)), pipeline=True) == 2
+            assert await db.transaction(lambda c: insert(c, (1, 2)), ) == 2
             assert await db.run(count) == [1, 2]
-            before = await db.run(_pid)
-
             with pytest.raises(RuntimeError):
-                await db.transaction(lambda c: insert(c, (3, 4), "raise"), pipeline=True)
+                await db.transaction(lambda c: insert(c, (3, 4), "raise"))
             assert await db.run(count) == [1, 2]
-            assert await db.run(_pid) != before  # the connection left in a transaction was closed
 
             with pytest.raises(psycopg.errors.UniqueViolation):
-                await db.transaction(lambda c: insert(c, (5,), "statement"), pipeline=True)
+                await db.transaction(lambda c: insert(c, (5,), "statement"))
             assert await db.run(count) == [1, 2]
 
             async def status(conn: Any) -> str:
@@ -200,16 +196,16 @@ async def test_pipelined_transactions_commit_whole_or_not_at_all(database: str) 
                 await cur.fetchone()
                 return psycopg.pq.TransactionStatus(conn.pgconn.transaction_status).name
 
-            assert await db.run(status) == "IDLE"  # autocommit again after a pipelined transaction
+            assert await db.run(status) == "IDLE"  # autocommit again after a transaction
             await db.run(lambda conn: conn.execute("DROP TABLE pipelined_tx"))
         finally:
             await db.close()
 
 
-async def test_a_cancelled_pipelined_transaction_is_cancelled_not_an_error(database: str) -> None:
-    """Cancelled while its results are outstanding, a pipelined unit ends in the cancellation
-    itself (psycopg would otherwise fail to leave pipeline mode and raise that instead); the
-    transaction is rolled back with its connection."""
+async def test_a_cancelled_pipeline_is_cancelled_not_an_error(database: str) -> None:
+    """Cancelled while its results are outstanding, a unit in pipeline mode ends in the
+    cancellation itself (psycopg would otherwise fail to leave pipeline mode and raise that
+    instead); its implicit transaction is rolled back with its connection."""
     async with bridge.open_loop():
         db = Database(database, 1, min_size=1)
         await db.open()
@@ -217,12 +213,13 @@ async def test_a_cancelled_pipelined_transaction_is_cancelled_not_an_error(datab
             await db.run(lambda conn: conn.execute("CREATE TABLE IF NOT EXISTS pipelined_cancel (n int)"))
 
             async def slow(conn: Any) -> None:
-                await conn.execute("INSERT INTO pipelined_cancel VALUES (1)")
-                await conn.execute("SELECT pg_sleep(2)")
+                async with conn.pipeline():
+                    await conn.execute("INSERT INTO pipelined_cancel VALUES (1)")
+                    await conn.execute("SELECT pg_sleep(2)")
 
             for _ in range(3):
                 with trio.move_on_after(0.2) as scope:
-                    await db.transaction(slow, pipeline=True)
+                    await db.run(slow)
                 assert scope.cancelled_caught
 
             async def count(conn: Any) -> int:
