@@ -267,17 +267,15 @@ async def claim_due(conn: Conn, *, owner: str, lease_seconds: float, limit: int)
 async def claim_due_and_next(
     conn: Conn, *, owner: str, lease_seconds: float, limit: int
 ) -> tuple[list[Claim], list[Undecodable], float | None]:
-    """Claim due deliveries and, in the same round trip, read when the next one falls due
+    """Claim due deliveries and, in the same statement, read when the next one falls due
     (seconds from now, by the database clock; None when nothing waits). Rows that cannot be
     decoded come back apart, still claimed."""
-    async with conn.pipeline():
-        cur = await conn.execute(_claim_sql(limit), {"owner": owner, "lease_seconds": lease_seconds})
-        due = await conn.execute(q("next_due"))
+    cur = await conn.execute(_claim_sql(limit), {"owner": owner, "lease_seconds": lease_seconds})
     rows = await cur.fetchall()
-    row = await due.fetchone()
-    claims, broken = decode_claims(rows)
+    wait_s = rows[0]["wait_s"] if rows else None
+    claims, broken = decode_claims([row for row in rows if row["delivery_id"] is not None])
     claims.sort(key=lambda c: (c.priority, c.due or c.lease_started_at, c.delivery_id))
-    wait = None if row is None or row["wait_s"] is None else float(row["wait_s"])
+    wait = None if wait_s is None else float(wait_s)
     return claims, broken, wait
 
 

@@ -13,6 +13,10 @@
 -- Each slice is limited by the batch size itself (store.engine writes %(limit)s in as a constant,
 -- so that even a cached generic plan knows the batch is small and joins by primary key);
 -- notification rows locked beyond the batch are merely left alone.
+-- The same statement reads when the next waiting delivery falls due (`wait_s`, as next_due, the
+-- rows just picked left out: every CTE sees the snapshot from before the UPDATE), so a claim is
+-- one round trip. It always returns at least one row: with nothing claimed, a row whose claim
+-- columns are NULL carries `wait_s` alone.
 WITH auth AS (
     SELECT delivery_id, next_attempt_at AS due, 0 AS prio
     FROM mail.deliveries
@@ -31,7 +35,7 @@ WITH auth AS (
     SELECT * FROM (SELECT * FROM auth UNION ALL SELECT * FROM other) u
     ORDER BY prio, due
     LIMIT %(limit)s
-)
+), claimed AS (
 UPDATE mail.deliveries d
 SET status = 'sending',
     lease_owner = %(owner)s,
@@ -48,7 +52,15 @@ RETURNING d.delivery_id, d.source, d.payload_mode, d.template_id, d.locale,
           d.interrupted_streak, d.traceparent, d.lease_started_at, picked.prio, picked.due,
           d.recipient_outcomes::text AS recipient_outcomes,
           p.payload::text AS payload, p.subject, p.text_body, p.html_body, p.headers::text AS headers,
-          p.rendered_at;
+          p.rendered_at
+), waiting AS (
+    SELECT extract(epoch FROM (min(next_attempt_at) - now()))::float8 AS wait_s
+    FROM mail.deliveries
+    WHERE status IN ('queued', 'rendered')
+      AND delivery_id <> ALL (ARRAY(SELECT delivery_id FROM picked))
+)
+SELECT claimed.*, waiting.wait_s
+FROM waiting LEFT JOIN claimed ON true;
 
 -- name: next_due
 -- Seconds until the earliest waiting delivery falls due (negative: already due), by the database
