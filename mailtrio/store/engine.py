@@ -333,15 +333,6 @@ async def claim_batch(
     return prepared, wait
 
 
-async def next_due(conn: Conn) -> float | None:
-    """Seconds until the earliest waiting delivery is due (<= 0: due now), None if none waits."""
-    cur = await conn.execute(q("next_due"))
-    row = await cur.fetchone()
-    if row is None or row["wait_s"] is None:
-        return None
-    return float(row["wait_s"])
-
-
 async def finish_attempts(conn: Conn, *, owner: str, items: Sequence[Finish]) -> set[str]:
     """Record outcomes (fenced) in one statement; returns the delivery ids whose fence held."""
     params = _batch_params(owner, items)

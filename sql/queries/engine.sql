@@ -13,10 +13,10 @@
 -- Each slice is limited by the batch size itself (store.engine writes %(limit)s in as a constant,
 -- so that even a cached generic plan knows the batch is small and joins by primary key);
 -- notification rows locked beyond the batch are merely left alone.
--- The same statement reads when the next waiting delivery falls due (`wait_s`, as next_due, the
--- rows just picked left out: every CTE sees the snapshot from before the UPDATE), so a claim is
--- one round trip. It always returns at least one row: with nothing claimed, a row whose claim
--- columns are NULL carries `wait_s` alone.
+-- The same statement reads when the next waiting delivery falls due (`wait_s`, seconds by the
+-- database clock, NULL when nothing waits), leaving out the rows just picked (every CTE sees the
+-- snapshot from before the UPDATE), so a claim is one round trip. It always returns at least one
+-- row: with nothing claimed, a row whose claim columns are NULL carries `wait_s` alone.
 WITH auth AS (
     SELECT delivery_id, next_attempt_at AS due, 0 AS prio
     FROM mail.deliveries
@@ -61,13 +61,6 @@ RETURNING d.delivery_id, d.source, d.payload_mode, d.template_id, d.locale,
 )
 SELECT claimed.*, waiting.wait_s
 FROM waiting LEFT JOIN claimed ON true;
-
--- name: next_due
--- Seconds until the earliest waiting delivery falls due (negative: already due), by the database
--- clock; NULL when nothing waits. Reads the first entry of the schedule's partial index.
-SELECT extract(epoch FROM (min(next_attempt_at) - now()))::float8 AS wait_s
-FROM mail.deliveries
-WHERE status IN ('queued', 'rendered');
 
 -- name: store_content
 -- Store the content rendered once for claimed deliveries, with the resolved locale, fenced on the
