@@ -71,8 +71,10 @@ async def run(
 ) -> None:
     async with bridge.open_loop():
         stream = Stream(settings)
+        # The engine's pool plans by index whatever the statistics (store.INDEX_PLAN_SETTINGS);
+        # the HTTP API's pool keeps the planner's own choices for operator queries.
         db = Database(settings.postgres_dsn, settings.postgres_pool_size,
-                      application_name=f"mailtrio:{settings.instance_id}")
+                      application_name=f"mailtrio:{settings.instance_id}", index_plans=True)
         api_db = Database(settings.postgres_dsn, api_pool_size(settings.postgres_pool_size),
                           application_name=f"mailtrio:{settings.instance_id}:api", min_size=0, name="mailtrio-api")
         identity = InstanceIdentity(db, settings.instance_id)

@@ -10,8 +10,9 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailtrio.store import Database
+from mailtrio.store import Conn, Database
 from mailtrio.store import engine as store
+from mailtrio.store.queries import q
 from tests.engine import helpers as h
 
 
@@ -311,3 +312,39 @@ async def test_the_content_write_is_one_statement_that_skips_the_wal_flush_wait(
 async def claim_only(db: Database) -> list[store.Claim]:
     claims, _, _ = await db.run(lambda conn: store.claim_due_and_next(conn, owner="me", lease_seconds=30, limit=5))
     return claims
+
+
+async def _generic_finish_plan(conn: Conn) -> str:
+    """The generic plan (the one PostgreSQL caches for a prepared statement) of finish_attempts,
+    made now, with the statistics of this moment."""
+    sql = q("finish_attempts").replace("%(rows)s", "$1").replace("%(ids)s", "$2").replace("%(owner)s", "$3")
+    await conn.execute(f"PREPARE mt_generic_finish (jsonb, text[], text) AS {sql}")
+    try:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            cur = await conn.execute("EXPLAIN EXECUTE mt_generic_finish('[]', '{}', 'me')")
+            return "\n".join(str(next(iter(row.values()))) for row in await cur.fetchall())
+    finally:
+        await conn.execute("DEALLOCATE mt_generic_finish")
+
+
+async def test_engine_plans_find_a_batch_by_index_however_small_the_table_was(database: str) -> None:
+    """A plan made while mail.deliveries is nearly empty (a new database, a table just emptied by
+    retention) is kept for the statement's life: on the engine's connections it still finds a
+    batch's rows through the primary key, so an outcome's write does not grow with the table
+    (store.INDEX_PLAN_SETTINGS). The planner's own choice on such a table, seen on a connection
+    without the setting, is to scan the whole table."""
+    from mailtrio import bridge
+
+    plans: dict[bool, str] = {}
+    async with bridge.open_loop():
+        for index_plans in (True, False):
+            d = Database(database, 1, index_plans=index_plans)
+            await d.open()
+            try:
+                plans[index_plans] = await d.run(_generic_finish_plan)
+            finally:
+                await d.close()
+    assert "Index Cond: (delivery_id = ANY ($2))" in plans[True], plans[True]
+    assert "Seq Scan on deliveries" not in plans[True], plans[True]
+    assert "Seq Scan on deliveries" in plans[False], plans[False]

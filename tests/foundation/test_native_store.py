@@ -231,3 +231,14 @@ async def test_a_cancelled_pipeline_is_cancelled_not_an_error(database: str) -> 
             await db.run(lambda conn: conn.execute("DROP TABLE pipelined_cancel"))
         finally:
             await db.close()
+
+
+def test_the_engines_planner_setting_keeps_the_dsns_own_server_options() -> None:
+    from mailtrio.store import INDEX_PLAN_SETTINGS, connection_options
+
+    dsn = "postgresql://mailservice@127.0.0.1/mailtrio?options=-c%20statement_timeout%3D5s"
+    assert connection_options(dsn, index_plans=True)["options"] == f"-c statement_timeout=5s {INDEX_PLAN_SETTINGS}"
+    assert connection_options("postgresql://mailservice@127.0.0.1/mailtrio", index_plans=True)["options"] == (
+        INDEX_PLAN_SETTINGS)
+    # the HTTP API's pool (and every other) keeps the server's settings as the DSN gives them
+    assert "options" not in connection_options(dsn)
