@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -31,8 +31,9 @@ from mailtrio.store.queries import q
 DataRejected: tuple[type[BaseException], ...] = (psycopg.DataError, psycopg.IntegrityError)
 
 
-# The scheduler is woken (NOTIFY mail_schedule, delivered at commit) when the batch created a
-# delivery due now or within this horizon; later ones it finds through its next-due wait.
+# The scheduler is woken (NOTIFY mail_schedule, delivered at commit, sent by the accepting
+# statement itself) when the batch created a delivery due now or within this horizon; later ones
+# it finds through its next-due wait.
 NOTIFY_HORIZON = timedelta(seconds=2)
 
 
@@ -112,10 +113,6 @@ async def commit_batch(
         recorded = await insert_malformed(conn, to_record)
         for m in to_record:
             (result.rejected if m.stream_entry_id in recorded else result.already_rejected).append(m)
-    horizon = datetime.now(UTC) + NOTIFY_HORIZON
-    if any(c.send_at is None or c.send_at <= horizon for c in result.accepted):
-        await conn.execute(q("intake_notify_schedule"))
-        result.notified = True
     return result
 
 
@@ -129,9 +126,16 @@ async def _commit_round(
     conflicts: list[Malformed],
 ) -> None:
     tcur = conn.cursor(row_factory=tuple_row)
-    await tcur.execute(q("intake_accept"), {"ttl": ttl, "rows": _accept_rows(round_, message_domain)})
-    # only the commands not accepted come back: (1-based position, reservation taken)
+    await tcur.execute(
+        q("intake_accept"),
+        {"ttl": ttl, "rows": _accept_rows(round_, message_domain), "notify_within": NOTIFY_HORIZON},
+    )
+    # only the commands not accepted come back: (1-based position, reservation taken); position 0
+    # says the scheduler was woken (a delivery inserted here is due within NOTIFY_HORIZON)
     missed = await tcur.fetchall()
+    if missed and missed[0][0] == 0:
+        result.notified = True
+        missed = missed[1:]
     if not missed:
         result.accepted.extend(round_)
         return

@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import redis
 import trio
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -591,3 +592,31 @@ async def test_a_consumer_stopped_right_after_a_commit_still_acknowledges_it(
             assert pending_count(redis_client, stream_key) == 1
             nursery.cancel_scope.cancel()
         assert pending_count(redis_client, stream_key) == 0  # sent on the way out
+
+
+# -- waking the scheduler ---------------------------------------------------------------------------
+async def test_a_batch_wakes_the_scheduler_only_for_deliveries_it_inserted_due_soon(
+    intake_settings: Settings, xadd: Any, tables: Tables
+) -> None:
+    """The accepting statement itself sends NOTIFY mail_schedule (delivered at commit) when it
+    inserted a delivery due within NOTIFY_HORIZON: not for one scheduled later, not for a
+    duplicate that inserted nothing."""
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    with psycopg.connect(intake_settings.postgres_dsn, autocommit=True) as listener:
+        listener.execute("LISTEN mail_schedule")
+
+        def woken(within: float) -> int:
+            return len(list(listener.notifies(timeout=within)))
+
+        async with opened(intake_settings) as w:
+            xadd(entry(delivery_id="d-later", send_at=later))
+            assert totals(await drain(w.consumer))["accepted"] == 1
+            assert woken(0.3) == 0
+            xadd(entry(delivery_id="d-now"))
+            assert totals(await drain(w.consumer))["accepted"] == 1
+            assert woken(2.0) == 1
+            xadd(entry(delivery_id="d-now"))  # the same command again: a duplicate
+            counts = totals(await drain(w.consumer))
+            assert counts["duplicates"] == 1 and counts["accepted"] == 0
+            assert woken(0.3) == 0
+    assert set(tables.deliveries()) == {"d-later", "d-now"}
