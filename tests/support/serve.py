@@ -173,7 +173,12 @@ class ServeProcess:
     def __enter__(self) -> ServeProcess:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        if exc_type is not None:
+            # A failing test shows what the service said last (pytest prints captured output).
+            with self._cond:
+                tail, err = self.raw[-400:], self.stderr[-4000:]
+            print(f"--- service log, last {len(tail)} lines ---", *tail, "--- service stderr ---", err, sep="\n")
