@@ -701,11 +701,19 @@ class WorkerPool:
                                f"(MAIL_SMTP_TIMEOUT {format_duration(timeout)})")
                 else:
                     summary = f"timed out after {format_duration(timeout)} (MAIL_SMTP_TIMEOUT)"
+                phase, handed_over = session.phase, session.handed_over
+                extra: dict[str, object] = {"timeout_s": round(bound, 3)}
+                if handed_over:
+                    # RFC 1047: the message was written, its reply did not come in time. The
+                    # server may have accepted it; the retry may deliver it a second time.
+                    summary += " waiting for the reply to the message; the server may have accepted it"
+                    extra["handed_over"] = True
                 report = SendReport(
                     AttemptStatus.TIMED_OUT,
                     summary,
-                    Phase.CONNECT,
-                    extra={"timeout_s": round(bound, 3)},
+                    phase,
+                    handed_over=handed_over,
+                    extra=extra,
                 )
             elapsed_ms = (trio.current_time() - start) * 1000.0
             telemetry.send_duration_ms.record(elapsed_ms, {"provider": self.provider_name})

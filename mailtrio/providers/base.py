@@ -142,7 +142,15 @@ class SendReport:
 
 
 class Session(Protocol):
-    """One worker's channel to the provider (for SMTP: a persistent connection)."""
+    """One worker's channel to the provider (for SMTP: a persistent connection).
+
+    `phase` and `handed_over` say how far the current (or last) send got, for the report of a
+    send cut short from outside (MAIL_SMTP_TIMEOUT, the lease's end): `handed_over` is true from
+    just before the message content is written until its reply has been read, the window in
+    which the server may hold the message without the sender knowing (RFC 1047)."""
+
+    phase: Phase
+    handed_over: bool
 
     async def send(self, envelope: Envelope, message: bytes) -> SendReport:
         """Send one message. Never raises for server or network failures; may be cancelled."""

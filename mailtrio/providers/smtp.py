@@ -347,10 +347,14 @@ class SmtpSession:
     def __init__(self, provider: SmtpProvider) -> None:
         self.provider = provider
         self._conn: SmtpConnection | None = None
+        # how far the current send got (base.Session): read when it is cut short from outside
+        self.phase = Phase.CONNECT
+        self.handed_over = False
 
     async def send(self, envelope: Envelope, message: bytes) -> SendReport:
         p = self.provider
         retried = False
+        self.phase, self.handed_over = Phase.CONNECT, False
         try:
             while True:
                 try:
@@ -450,6 +454,7 @@ class SmtpSession:
             # Checked here explicitly, not only through the cancel scope: a process resumed after
             # its lease ended never starts a transaction for that delivery.
             return SendReport.unsent(Phase.MAIL, "the lease check failed before MAIL FROM")
+        self.phase = Phase.MAIL
 
         if conn.supports("PIPELINING"):
             try:
@@ -501,8 +506,11 @@ class SmtpSession:
             # the final dot, so the server discards the transaction.
             await self._drop()
             return SendReport.unsent(Phase.DATA, "the lease check failed before the message content")
+        # From here until its reply is read, the server may hold the message without our knowing.
+        self.phase, self.handed_over = Phase.MESSAGE, True
         await conn.write(data_payload(message), Phase.MESSAGE)
         final = await conn.read_reply(Phase.MESSAGE)
+        self.handed_over = False  # the server said what became of it
         if final.code != 250:
             return await self._refused(Phase.MESSAGE, final, rcpt_replies)
         summary = final.summary()

@@ -14,6 +14,9 @@ STUB_SUPPRESSED_SUMMARY = "stub: authsession deliveries are suppressed in stub m
 
 
 class StubSession:
+    phase = Phase.STUB
+    handed_over = False
+
     async def send(self, envelope: Envelope, message: bytes) -> SendReport:
         if envelope.source == Source.AUTHSESSION:
             return SendReport(

@@ -59,6 +59,14 @@ def test_every_outcome_path_through_serve(
                 assert len(atts) == 2  # one retry on a one-step ladder, then the dead letter
                 dl = h.query(dsn, "SELECT * FROM mail.dead_letters WHERE delivery_id = %s", [f"case-{name}"])
                 assert len(dl) == 1 and atts[-1]["provider_summary"] in dl[0]["reason"]
+            if attempt_status == "timed_out":
+                # the server stalls after the message: the attempt says where it was cut short
+                # and that the server may hold the message (RFC 1047)
+                for a in atts:
+                    assert a["details"]["phase"] == "message" and a["details"]["handed_over"] is True, a
+                    assert "the server may have accepted it" in a["provider_summary"], a
+            else:
+                assert all("handed_over" not in (a["details"] or {}) for a in atts), (name, atts)
             for a in atts:
                 assert SMTP_PASSWORD not in (a["provider_summary"] or "")
                 assert a["instance_id"] == env["MAIL_INSTANCE_ID"]
