@@ -620,3 +620,53 @@ async def test_a_batch_wakes_the_scheduler_only_for_deliveries_it_inserted_due_s
             assert counts["duplicates"] == 1 and counts["accepted"] == 0
             assert woken(0.3) == 0
     assert set(tables.deliveries()) == {"d-later", "d-now"}
+
+
+# -- a small batch in one statement -------------------------------------------------------------------
+async def test_a_small_batch_is_accepted_whole_in_one_statement_or_not_at_all(
+    intake_settings: Settings, tables: Tables
+) -> None:
+    """`accept_whole` accepts every command of a small round in one statement of its own, or none:
+    with one command it cannot accept (here a repeat of an accepted one) the statement rolls back
+    whole, the other commands included, and `commit_batch` then decides each of them."""
+    from mailtrio.store import intake as store_intake
+
+    now = datetime.now(UTC)
+
+    def commands(*names: str, key_of: dict[str, str] | None = None) -> list[Any]:
+        out = []
+        for i, name in enumerate(names):
+            fields = entry(delivery_id=name, idempotency_key=(key_of or {}).get(name, f"key-{name}"))
+            cmd = validate(f"{int(now.timestamp() * 1000)}-{i}", fields, now=now, has_template=lambda _: True)
+            assert not isinstance(cmd, Malformed), cmd
+            out.append(cmd)
+        return out
+
+    domain = sender_domain(intake_settings.smtp_from)
+    ttl = timedelta(seconds=intake_settings.idempotency_ttl)
+    async with opened(intake_settings) as w:
+        first = commands("w-1", "w-2")
+        assert store_intake.whole_round(first, [], redelivered=False)
+        done = await w.db.run(lambda conn: store_intake.accept_whole(conn, first, ttl=ttl, message_domain=domain))
+        assert done is not None and [c.delivery_id for c in done.accepted] == ["w-1", "w-2"] and done.notified
+        assert set(tables.deliveries()) == {"w-1", "w-2"}
+
+        # w-3 is new, w-2b repeats w-1's key with other content: nothing of this round is kept
+        second = commands("w-3", "w-2b", key_of={"w-2b": "key-w-1"})
+        undone = await w.db.run(lambda conn: store_intake.accept_whole(conn, second, ttl=ttl, message_domain=domain))
+        assert undone is None
+        assert set(tables.deliveries()) == {"w-1", "w-2"}
+        assert len(tables.rows("SELECT * FROM mail.idempotency_reservations")) == 2
+
+        def conflict(cmd: Any, detail: str) -> Any:
+            return Malformed(cmd.stream_entry_id, "idempotency_conflict", detail, cmd.delivery_id, cmd.source, {})
+
+        result = await w.db.transaction(lambda conn: store_intake.commit_batch(
+            conn, second, [], ttl=ttl, message_domain=domain, make_conflict=conflict))
+        assert [c.delivery_id for c in result.accepted] == ["w-3"]
+        assert [m.delivery_id for m in result.rejected] == ["w-2b"]
+        assert set(tables.deliveries()) == {"w-1", "w-2", "w-3"}
+    # a redelivered batch, one with a malformed entry, or a large one goes the usual way
+    assert not store_intake.whole_round(first, [], redelivered=True)
+    assert not store_intake.whole_round(commands(*[f"b-{i}" for i in range(store_intake.WHOLE_ROUND_MAX + 1)]), [],
+                                        redelivered=False)
