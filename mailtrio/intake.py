@@ -669,14 +669,6 @@ class Consumer:
             )
 
         with trio.fail_after(COMMIT_TIMEOUT):
-            if store.whole_round(cmds, bad, redelivered=redelivered):
-                # One round trip when every command is accepted (the usual small batch); a
-                # duplicate or a conflict rolls that statement back whole, and the batch is
-                # committed below, each command looked at.
-                whole = await self.db.run(functools.partial(
-                    store.accept_whole, commands=cmds, ttl=self.ttl, message_domain=self.message_domain))
-                if whole is not None:
-                    return whole
             return await self.db.transaction(_tx)
 
 

@@ -37,15 +37,6 @@ DataRejected: tuple[type[BaseException], ...] = (psycopg.DataError, psycopg.Inte
 NOTIFY_HORIZON = timedelta(seconds=2)
 
 
-# Rounds of at most this many commands are first tried as one statement, its own transaction
-# (`accept_whole`): a lone command or a small batch, where the transaction's BEGIN and COMMIT
-# would be two of its three round trips. Larger batches (a backlog, where one batch holding a
-# duplicate is the rule) go straight to `commit_batch`.
-WHOLE_ROUND_MAX = 32
-# SQLSTATE of mail.intake_round_guard (sql/00011_intake_whole_round.sql).
-ROUND_NOT_WHOLE = "MT409"
-
-
 class ReservationVanished(Exception):
     """A reservation that blocked this batch disappeared before it could be read (retention
     deleted an expired one in between). Retrying the batch resolves it."""
@@ -125,33 +116,6 @@ async def commit_batch(
     return result
 
 
-def whole_round(commands: Sequence[Command], malformed: Sequence[Malformed], *, redelivered: bool) -> bool:
-    """May this batch be tried with `accept_whole`? New entries only (a redelivered batch first
-    looks for outcomes committed before), well-formed only, one round, and small."""
-    return (not redelivered and not malformed and 0 < len(commands) <= WHOLE_ROUND_MAX
-            and len(plan_rounds(commands)) == 1)
-
-
-async def accept_whole(conn: Conn, commands: Sequence[Command], *, ttl: timedelta,
-                       message_domain: str) -> BatchResult | None:
-    """Accept every command of one round in one statement, its own transaction (autocommit), or
-    none of them: None when one of them could not be accepted (a duplicate, a conflict), and the
-    statement rolled back whole; the caller then commits the batch with `commit_batch`."""
-    tcur = conn.cursor(row_factory=tuple_row)
-    try:
-        await tcur.execute(
-            q("intake_accept"),
-            {"ttl": ttl, "rows": _accept_rows(commands, message_domain), "notify_within": NOTIFY_HORIZON,
-             "whole": True},
-        )
-    except psycopg.Error as exc:
-        if exc.sqlstate == ROUND_NOT_WHOLE:
-            return None
-        raise
-    rows = await tcur.fetchall()
-    return BatchResult(accepted=list(commands), notified=bool(rows) and rows[0][0] == 0)
-
-
 async def _commit_round(
     conn: Conn,
     round_: list[Command],
@@ -164,8 +128,7 @@ async def _commit_round(
     tcur = conn.cursor(row_factory=tuple_row)
     await tcur.execute(
         q("intake_accept"),
-        {"ttl": ttl, "rows": _accept_rows(round_, message_domain), "notify_within": NOTIFY_HORIZON,
-         "whole": False},
+        {"ttl": ttl, "rows": _accept_rows(round_, message_domain), "notify_within": NOTIFY_HORIZON},
     )
     # only the commands not accepted come back: (1-based position, reservation taken); position 0
     # says the scheduler was woken (a delivery inserted here is due within NOTIFY_HORIZON)

@@ -77,9 +77,7 @@ SELECT c.n AS n, r.source IS NOT NULL AS reserved
 FROM c
 LEFT JOIN r ON r.source = c.source AND r.idempotency_key = c.idempotency_key
 LEFT JOIN d ON d.delivery_id = c.delivery_id
--- %(whole)s: the round is accepted whole or not at all (the guard raises for a command not
--- accepted, see sql/00011_intake_whole_round.sql)
-WHERE d.delivery_id IS NULL AND mail.intake_round_guard(%(whole)s)
+WHERE d.delivery_id IS NULL
 UNION ALL
 -- position 0: the scheduler was notified
 SELECT 0, true FROM wake
