@@ -19,8 +19,11 @@ life (engine.sql: identity_lock):
   (`holds()` is False; they give their deliveries back unsent). The lock is then re-acquired on a
   new connection, with backoff. If a session of this very process still holds it (the old
   connection not yet gone on the server), that session is terminated and the lock taken again.
-  If another live session holds it now, another process has taken this identity: this one stops
-  claiming and exits 1 (IdentityConflict).
+  If another session holds it and keeps it for STARTUP_WAIT, another process has taken this
+  identity: this one stops claiming and exits 1 (IdentityConflict). Not at once, because that
+  session may be this process's own: an attempt abandoned at its deadline while the network was
+  healing can reach the server after all, take the lock there, and hold it until the server
+  notices its client gone (moments later). Meanwhile nothing is claimed or sent.
 
 The server-side TCP keepalives set on the lock's session make PostgreSQL release the lock of a
 host that vanished (power loss, a kernel panic) within about 25 s. A process that is merely
@@ -158,6 +161,8 @@ class InstanceIdentity:
     async def _reacquire(self) -> None:
         backoff = Backoff(*RECONNECT_BACKOFF)
         delay = backoff.next()
+        # another session seen holding the lock: (its backend pid, when first seen)
+        foreign: tuple[Any, float] | None = None
         while True:
             try:
                 acquired, holder = await self._try()
@@ -179,11 +184,23 @@ class InstanceIdentity:
                     except Exception as exc:
                         _log.warning("could not terminate the previous session", error=_one_line(exc))
                 else:
-                    message = (f"MAIL_INSTANCE_ID {self.instance_id!r} was taken by another live process "
-                               f"({describe_holder(holder)}) while this one's identity lock was lost; stopping")
-                    _log.error("instance identity conflict", instance_id=self.instance_id,
-                               holder=describe_holder(holder))
-                    raise IdentityConflict(message)
+                    now = trio.current_time()
+                    pid = holder.get("pid") if holder is not None else None
+                    if foreign is None or foreign[0] != pid:
+                        foreign = (pid, now)
+                        _log.warning("instance identity lock held by another session; waiting to see whether it "
+                                     "goes", instance_id=self.instance_id, holder=describe_holder(holder),
+                                     wait_s=STARTUP_WAIT)
+                    elif now - foreign[1] >= STARTUP_WAIT:
+                        message = (f"MAIL_INSTANCE_ID {self.instance_id!r} was taken by another live process "
+                                   f"({describe_holder(holder)}) while this one's identity lock was lost; "
+                                   "stopping")
+                        _log.error("instance identity conflict", instance_id=self.instance_id,
+                                   holder=describe_holder(holder))
+                        raise IdentityConflict(message)
+                    # a short poll, as at startup: a session of our own goes within moments
+                    await trio.sleep(STARTUP_POLL)
+                    continue
             await trio.sleep(delay)
             delay = backoff.next()
 

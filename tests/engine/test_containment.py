@@ -294,3 +294,41 @@ async def test_a_lock_taken_by_another_process_meanwhile_stops_this_one(db: Data
         assert not mine.holds()
     finally:
         clone.close()
+
+
+async def test_a_session_that_lets_the_lock_go_within_moments_is_not_another_process(
+    db: Database, database: str
+) -> None:
+    """After this process lost its lock, a session that holds it for a moment and lets it go (an
+    attempt of this very process abandoned at its deadline while the network healed, which reached
+    the server anyway) is waited out: the lock is taken again and the process goes on."""
+    mine = InstanceIdentity(db, "inst-4")
+    await mine.acquire()
+    holder = await db.run(lambda conn: store.identity_holder(conn, instance_id="inst-4"))
+    assert holder is not None
+    terminate(database, holder["pid"])
+    stray = None
+    with trio.fail_after(10):
+        while stray is None:
+            conn: psycopg.Connection[object] = psycopg.connect(database, autocommit=True)
+            row = conn.execute(q("identity_lock"), {"instance_id": "inst-4"}).fetchone()
+            if row is not None and row[0] is True:
+                stray = conn
+            else:
+                conn.close()
+                await trio.sleep(0.01)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mine.run)
+            await trio.sleep(2.0)  # lost (the probe), and the stray holder seen: under STARTUP_WAIT
+            assert not mine.holds()
+            stray.close()
+            stray = None
+            with trio.fail_after(10):
+                while not mine.holds():
+                    await mine.changed.wait()
+            assert mine.losses == 1
+            nursery.cancel_scope.cancel()
+    finally:
+        if stray is not None:
+            stray.close()
