@@ -250,6 +250,22 @@ def terminate(dsn: str, pid: int) -> None:
         conn.execute("SELECT pg_terminate_backend(%s)", [pid])
 
 
+async def take_lock_away(db: Database, database: str, instance_id: str) -> psycopg.Connection[object]:
+    """End the session holding `instance_id`'s identity lock and take the lock on a connection of
+    our own (another process, or a stray session), before its owner takes it again."""
+    holder = await db.run(lambda conn: store.identity_holder(conn, instance_id=instance_id))
+    assert holder is not None
+    terminate(database, holder["pid"])
+    with trio.fail_after(10):
+        while True:
+            conn: psycopg.Connection[object] = psycopg.connect(database, autocommit=True)
+            row = conn.execute(q("identity_lock"), {"instance_id": instance_id}).fetchone()
+            if row is not None and row[0] is True:
+                return conn
+            conn.close()
+            await trio.sleep(0.01)
+
+
 async def test_a_second_identity_is_refused_and_a_broken_lock_is_taken_again(db: Database, database: str) -> None:
     first = InstanceIdentity(db, "inst-1")
     await first.acquire()
@@ -275,19 +291,7 @@ async def test_a_second_identity_is_refused_and_a_broken_lock_is_taken_again(db:
 async def test_a_lock_taken_by_another_process_meanwhile_stops_this_one(db: Database, database: str) -> None:
     mine = InstanceIdentity(db, "inst-3")
     await mine.acquire()
-    holder = await db.run(lambda conn: store.identity_holder(conn, instance_id="inst-3"))
-    assert holder is not None
-    terminate(database, holder["pid"])
-    clone = None
-    with trio.fail_after(10):
-        while clone is None:  # the other process gets the lock first
-            conn: psycopg.Connection[object] = psycopg.connect(database, autocommit=True)
-            row = conn.execute(q("identity_lock"), {"instance_id": "inst-3"}).fetchone()
-            if row is not None and row[0] is True:
-                clone = conn
-            else:
-                conn.close()
-                await trio.sleep(0.01)
+    clone = await take_lock_away(db, database, "inst-3")  # the other process gets the lock first
     try:
         with trio.fail_after(20), pytest.raises(IdentityConflict, match="MAIL_INSTANCE_ID 'inst-3' was taken"):
             await mine.run()
@@ -304,19 +308,7 @@ async def test_a_session_that_lets_the_lock_go_within_moments_is_not_another_pro
     the server anyway) is waited out: the lock is taken again and the process goes on."""
     mine = InstanceIdentity(db, "inst-4")
     await mine.acquire()
-    holder = await db.run(lambda conn: store.identity_holder(conn, instance_id="inst-4"))
-    assert holder is not None
-    terminate(database, holder["pid"])
-    stray = None
-    with trio.fail_after(10):
-        while stray is None:
-            conn: psycopg.Connection[object] = psycopg.connect(database, autocommit=True)
-            row = conn.execute(q("identity_lock"), {"instance_id": "inst-4"}).fetchone()
-            if row is not None and row[0] is True:
-                stray = conn
-            else:
-                conn.close()
-                await trio.sleep(0.01)
+    stray: psycopg.Connection[object] | None = await take_lock_away(db, database, "inst-4")
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(mine.run)
