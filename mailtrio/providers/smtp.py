@@ -44,6 +44,7 @@ import trio
 from mailtrio import retry
 from mailtrio.config import Settings, helo_name_valid
 from mailtrio.providers.base import AttemptStatus, Envelope, Phase, RecipientReply, Reply, SendReport
+from mailtrio.providers.tcp import TcpStream
 
 # A connection unused for this long is probed (RSET) before the next transaction.
 IDLE_PROBE_SECONDS = 10.0
@@ -306,10 +307,10 @@ class SmtpProvider:
         phase = Phase.CONNECT
         stream: trio.abc.Stream | None = None
         try:
-            stream = await trio.open_tcp_stream(self.host, self.port)
-            sock = getattr(stream, "socket", None)
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tcp = stream = await trio.open_tcp_stream(self.host, self.port)
+            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # the socket is driven by TcpStream from here on (no schedule point per call)
+            stream = TcpStream.adopt(tcp)
             if self.tls_mode == "tls":
                 assert self.tls_context is not None
                 phase = Phase.TLS
