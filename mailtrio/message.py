@@ -28,7 +28,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from email import policy as _policy
 from email.headerregistry import Address as _StdAddress
 from email.utils import format_datetime, parseaddr
@@ -424,6 +424,19 @@ def content_octets(content: Content) -> int:
             + sum(len(v) for v in content.headers.values()))
 
 
+def date_header(date: datetime) -> bytes:
+    """The `Date:` line (RFC 5322 §3.3, email.utils.format_datetime). Whole seconds only, so for
+    a UTC time it is made once per second (formatting it is ~2% of the CPU of a delivery)."""
+    if date.tzinfo is UTC:
+        return _utc_date_header(int(date.timestamp()))
+    return b"Date: " + format_datetime(date).encode("ascii") + b"\r\n"
+
+
+@lru_cache(maxsize=4)
+def _utc_date_header(epoch_second: int) -> bytes:
+    return b"Date: " + format_datetime(datetime.fromtimestamp(epoch_second, UTC)).encode("ascii") + b"\r\n"
+
+
 def build(addressing: Addressing, content: Content, *, message_id: str, date: datetime) -> bytes:
     """The RFC 5322 message for one attempt (identical on every attempt but for `Date`).
 
@@ -431,7 +444,7 @@ def build(addressing: Addressing, content: Content, *, message_id: str, date: da
     are RFC 6532 UTF-8 and the message must go out with SMTPUTF8."""
     utf8 = addressing.needs_smtputf8()
     out = [
-        b"Date: " + format_datetime(date).encode("ascii") + b"\r\n",
+        date_header(date),
         _address_header("From", [addressing.sender], utf8),
         _address_header("To", addressing.to, utf8),
     ]

@@ -404,3 +404,23 @@ def test_every_header_path_reads_back_as_the_stdlib_reads_its_own(value: str) ->
     want = str(parse(message._std_header("X-V", value, False) + b"\r\n")["X-V"])
     if " ".join(want.split()) == " ".join(value.split()):
         assert " ".join(got.split()) == " ".join(want.split())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(min_value=datetime(1970, 1, 2), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)),
+    st.sampled_from([None, 0, 330, -480]),
+)
+def test_the_date_line_is_the_standard_librarys_to_the_second(when: datetime, offset_minutes: int | None) -> None:
+    """date_header (made once per second for UTC) says what email.utils.format_datetime says,
+    for UTC and for other offsets, and parses back to the same second."""
+    from datetime import timedelta, timezone
+    from email.utils import format_datetime, parsedate_to_datetime
+
+    if offset_minutes is not None:
+        when = when.astimezone(timezone(timedelta(minutes=offset_minutes)))
+    line = message.date_header(when)
+    assert line == b"Date: " + format_datetime(when).encode("ascii") + b"\r\n"
+    assert message.date_header(when) == line  # the cached answer is the same
+    parsed = parsedate_to_datetime(line[len(b"Date: "):-2].decode("ascii"))
+    assert parsed == when.replace(microsecond=0)
