@@ -977,11 +977,16 @@ def release(claim: store.Claim, resolved_locale: str | None = None) -> store.Fin
 
 
 def _producer_links(traceparent: str | None) -> list[Link]:
-    if not traceparent:
-        return []
+    return list(_links_of(traceparent)) if traceparent else []
+
+
+@functools.lru_cache(maxsize=256)
+def _links_of(traceparent: str) -> tuple[Link, ...]:
+    """The link to the producer's span. Commands without a traceparent of their own carry their
+    intake batch's (up to MAX_BATCH of them share one), so the parse is kept for a while."""
     ctx = _propagator.extract({"traceparent": traceparent})
     span_ctx = trace.get_current_span(ctx).get_span_context()
-    return [Link(span_ctx)] if span_ctx.is_valid else []
+    return (Link(span_ctx),) if span_ctx.is_valid else ()
 
 
 def _elapsed_ms(job: Job) -> int:
