@@ -66,10 +66,9 @@ class TcpStream(trio.abc.HalfCloseableStream):
                     try:
                         sent += self.socket.send(view[sent:])
                     except BlockingIOError:
+                        # raises ClosedResourceError if aclose() is called meanwhile
                         await trio.lowlevel.wait_writable(self.socket)
-                        self._check_open()
                     except OSError as exc:
-                        self._check_open()
                         raise trio.BrokenResourceError(f"socket send failed: {exc}") from exc
         finally:
             self._sending = False
@@ -99,10 +98,9 @@ class TcpStream(trio.abc.HalfCloseableStream):
                 try:
                     return self.socket.recv(max_bytes)
                 except BlockingIOError:
+                    # raises ClosedResourceError if aclose() is called meanwhile
                     await trio.lowlevel.wait_readable(self.socket)
-                    self._check_open()
                 except OSError as exc:
-                    self._check_open()
                     raise trio.BrokenResourceError(f"socket receive failed: {exc}") from exc
         finally:
             self._receiving = False

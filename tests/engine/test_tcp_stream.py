@@ -28,7 +28,8 @@ async def connected() -> AsyncIterator[tuple[TcpStream, trio.SocketStream]]:
         server = await listeners[0].accept()
         assert isinstance(server, trio.SocketStream)
         try:
-            yield client, server
+            with trio.fail_after(20):  # every wait of a test on this pair is bounded
+                yield client, server
         finally:
             await client.aclose()
             await server.aclose()
@@ -194,8 +195,9 @@ async def test_a_call_that_need_not_wait_does_not_let_other_tasks_run_unlike_soc
     async with connected() as (client, server):
         assert await ticks_during(client, server) == 0
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    async with listeners[0]:
-        plain = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
-        other = await listeners[0].accept()
-        async with plain, other:
-            assert await ticks_during(plain, other) > 0
+    with trio.fail_after(20):
+        async with listeners[0]:
+            plain = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
+            other = await listeners[0].accept()
+            async with plain, other:
+                assert await ticks_during(plain, other) > 0
