@@ -11,10 +11,13 @@ Where a batch comes from, in order of priority:
    periodically, so a crashed instance loses nothing;
 3. new entries (XREADGROUP `>` with a bounded BLOCK).
 
-`run` does the same until cancelled, with one overlap: while a batch of new entries is being
-committed and acknowledged, the next one is already read and validated (commits stay strictly in
-stream order); acknowledgements of such batches committed within ACK_GATHER of each other go
-out together in one XACK. A failure of Redis or PostgreSQL (connection reset, restart, CLIENT KILL, lost
+`run` does the same until cancelled, with overlap: while a batch of new entries is being
+committed and acknowledged, the next one is already read and validated, and committed at once
+when nothing in it can be decided differently by the batch still committing
+(`may_commit_together`: no idempotency key or delivery id shared with it, save exact repeats);
+otherwise it waits, so the earlier of two commands for one key or id wins, as in stream order. At
+most two commits are in flight. Acknowledgements of batches committed within ACK_GATHER of each
+other go out together in one XACK. A failure of Redis or PostgreSQL (connection reset, restart, CLIENT KILL, lost
 consumer group) is logged and retried after a bounded exponential backoff with jitter, starting again from
 this consumer's pending entries; nothing is acknowledged that was not committed, and the consumer
 never exits on its own.
@@ -193,6 +196,8 @@ class Consumer:
         self._acks: list[str] = []
         self._ack_round: trio.Event | None = None
         self._ack_now = trio.Event()
+        # batches committed while the one before was still being committed
+        self.overlapped = 0
 
     # -- service ---------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -231,14 +236,16 @@ class Consumer:
                         await self.stream.reset()
                     await trio.sleep(delay)
         finally:
-            _log.info("command consumer stopped")
+            _log.info("command consumer stopped", overlapped_commits=self.overlapped)
 
     async def _pipeline(self, *, on_success: Any) -> None:
         """Process batches until an error: while one batch of new entries is being committed, the
-        previous one is acknowledged and the next one is read and validated. Commits stay
-        strictly in stream order (the next starts after the previous one returned); pending and
-        claimed batches are processed with nothing in flight, every committed batch
-        acknowledged first."""
+        previous one is acknowledged and the next one is read and validated. That next batch is
+        committed beside it when `may_commit_together` allows (and the one after it is read and
+        validated meanwhile); otherwise it starts after the previous commit returned. A failure
+        of either commit fails the pipeline: what was not committed is read again from this
+        consumer's pending entries. Pending and claimed batches are processed with nothing in
+        flight, every committed batch acknowledged first."""
         ready: _Batch | None = None
         self._settling = []
         async with trio.open_nursery() as settling:
@@ -262,13 +269,34 @@ class Consumer:
                         await self._finish(batch, settling=settling)
                         done.set()
 
+                    # the commands being committed (`_finish` lets go of the batch's list, not
+                    # of the list itself)
+                    in_flight = current.outcomes
                     try:
                         async with trio.open_nursery() as nursery:
                             nursery.start_soon(commit)
-                            if self._pending_cursor is None and trio.current_time() < self._next_claim:
+                            if self._reading_new():
                                 entries = await self.stream.read_new(self._batch_count(), self.block)
                                 read_during_commit = not committed.is_set()
-                                nxt.append(await self._prepare(entries, "new", checkpoints=True))
+                                later = await self._prepare(entries, "new", checkpoints=True)
+                                if (later.entries and not committed.is_set()
+                                        and may_commit_together(in_flight, later.outcomes)):
+                                    # A second commit in flight: nothing in it can be decided
+                                    # differently by the one before (see may_commit_together).
+                                    second = trio.Event()
+
+                                    async def commit_later(batch: _Batch = later, done: trio.Event = second) -> None:
+                                        await self._finish(batch, settling=settling)
+                                        done.set()
+
+                                    nursery.start_soon(commit_later)
+                                    self.overlapped += 1
+                                    if self._reading_new():
+                                        entries = await self.stream.read_new(self._batch_count(), self.block)
+                                        read_during_commit = not second.is_set()
+                                        nxt.append(await self._prepare(entries, "new", checkpoints=True))
+                                else:
+                                    nxt.append(later)
                     except BaseException:
                         for batch in nxt:
                             batch.end(error=True)
@@ -283,6 +311,11 @@ class Consumer:
                 if self._failing_since is not None:
                     self._failing_since = None
                     _log.info("command consumer recovered")
+
+    def _reading_new(self) -> bool:
+        """Whether the next batch comes from new entries (not this consumer's pending ones, and
+        no sweep of idle entries is due)."""
+        return self._pending_cursor is None and trio.current_time() < self._next_claim
 
     async def _top_up(self, batch: _Batch) -> None:
         """The next batch was read when the previous commit started: what arrived during that
@@ -670,6 +703,46 @@ class Consumer:
 
         with trio.fail_after(COMMIT_TIMEOUT):
             return await self.db.transaction(_tx)
+
+
+def may_commit_together(earlier: Sequence[Outcome], later: Sequence[Outcome]) -> bool:
+    """Whether a batch (`later`) may be committed while the one read before it (`earlier`) still
+    is. Each command's outcome depends on what was committed before it under its idempotency
+    key and under its delivery id, so a later command sharing either with an earlier one must
+    wait for it (the earlier command wins a conflict, as in stream order), except an exact
+    repeat of the only earlier command under that key and that id: same source, key, delivery
+    id and fingerprint is decided the same way whichever of the two the database takes first
+    (one delivery, the other its duplicate; the transactions queue on the reservation's row
+    lock). Malformed entries depend on nothing."""
+    # each key and id of the earlier batch -> its command's identity (None: several differ)
+    keys: dict[tuple[str, str], tuple[str, str, str, str] | None] = {}
+    ids: dict[str, tuple[str, str, str, str] | None] = {}
+    for o in earlier:
+        if type(o) is Command:
+            ident = (o.source, o.idempotency_key, o.delivery_id, o.fingerprint)
+            key = (o.source, o.idempotency_key)
+            if keys.get(key, ident) != ident:
+                keys[key] = None
+            else:
+                keys[key] = ident
+            if ids.get(o.delivery_id, ident) != ident:
+                ids[o.delivery_id] = None
+            else:
+                ids[o.delivery_id] = ident
+    if not keys:
+        return True
+    missing = ("",)
+    for o in later:
+        if type(o) is not Command:
+            continue
+        ident = (o.source, o.idempotency_key, o.delivery_id, o.fingerprint)
+        by_key = keys.get((o.source, o.idempotency_key), missing)
+        by_id = ids.get(o.delivery_id, missing)
+        if by_key is not missing and by_key != ident:
+            return False
+        if by_id is not missing and by_id != ident:
+            return False
+    return True
 
 
 def _merge(a: store.BatchResult, b: store.BatchResult) -> store.BatchResult:
