@@ -237,13 +237,19 @@ class Bench:
             with harness.psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
                 rows = conn.execute(
-                    "SELECT calls, total_exec_time, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 160) "
+                    "SELECT calls, total_exec_time, rows, plans, total_plan_time, "
+                    "left(regexp_replace(query, '\\s+', ' ', 'g'), 160) "
                     "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
                     "WHERE d.datname = current_database() ORDER BY total_exec_time DESC LIMIT %s", (limit,)).fetchall()
         except Exception as exc:
             return [{"error": str(exc)}]
+        # plans: how many times the statement was planned (pg_stat_statements.track_planning, on
+        # with --private-pg): a prepared statement planned on every call is re-planned for its
+        # parameters instead of running its generic plan
         return [{"calls": int(c), "total_ms": round(float(t), 1), "ms_per_call": round(float(t) / max(1, int(c)), 3),
-                 "rows_per_call": round(int(r) / max(1, int(c)), 1), "query": q} for c, t, r, q in rows]
+                 "rows_per_call": round(int(r) / max(1, int(c)), 1), "plans": int(p),
+                 "plan_ms_per_call": round(float(pt) / max(1, int(c)), 3), "query": q}
+                for c, t, r, p, pt, q in rows]
 
     @staticmethod
     def backend_cpu(dsn: str) -> float | None:
@@ -536,6 +542,7 @@ class Bench:
         if self.args.private_pg:
             pg = harness.PrivatePostgres(self.procs, self.workdir, settings=(
                 "shared_preload_libraries=pg_stat_statements,auto_explain", "pg_stat_statements.track=all",
+                "pg_stat_statements.track_planning=on",
                 "auto_explain.log_min_duration=-1", *self.args.pg_setting))
             self.args.admin_dsn = pg.dsn("postgres")
         results: dict[str, Any] = {}
