@@ -8,18 +8,24 @@ by another session)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import redis
 import trio
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
-from mailtrio.commands import Command, Outcome, validate
+from mailtrio import bridge
+from mailtrio.commands import Command, Malformed, Outcome, conflict, validate
 from mailtrio.config import Settings
 from mailtrio.intake import may_commit_together
+from mailtrio.store import Database
+from mailtrio.store import intake as store
 from tests.intake.conftest import Tables, as_bytes, entry, eventually, opened, settings_for
 
 NOW = datetime.now(UTC)
@@ -194,3 +200,115 @@ async def test_an_exact_repeat_commits_beside_its_original_and_makes_one_deliver
     assert deliveries["orig"]["stream_entry_id"] == repeat != first
     assert tables.count("malformed_commands") == 0
     assert tables.one("SELECT count(*) FROM mail.idempotency_reservations WHERE idempotency_key = 'k-orig'") == 1
+
+
+# -- the rule against the database: overlapping commits decide as serial ones ----------------------
+@st.composite
+def two_batches(draw: st.DrawFn) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """An earlier batch over a tiny space of keys, ids and contents (repeats, conflicts inside
+    it), and a later one."""
+
+    def fields(tag: str) -> dict[str, str]:
+        return entry(delivery_id=f"{tag}d{draw(st.integers(0, 2))}",
+                     idempotency_key=f"{tag}k{draw(st.integers(0, 2))}",
+                     source=draw(st.sampled_from(["authsession", "notification"])),
+                     locale=draw(st.sampled_from(["en", "fr"])))
+
+    earlier = [fields("a") for _ in range(draw(st.integers(1, 6)))]
+    # each: an exact repeat of an earlier command, one over the earlier batch's space (it may
+    # collide with one: such batches are not committed together), or one of its own
+    later = [dict(draw(st.sampled_from(earlier))) if kind == 0 else fields("a" if kind == 1 else "b")
+             for kind in draw(st.lists(st.integers(0, 2), min_size=1, max_size=6))]
+    return earlier, later
+
+
+def namespaced(batch: list[dict[str, str]], ns: str, first: int) -> tuple[list[Command], dict[str, dict[str, str]]]:
+    """The batch's commands with ids and keys under `ns`, stream entry ids `first`-0 on (unique
+    in the database: quarantine rows are recorded once per stream entry id)."""
+    out, raw = [], {}
+    for n, f in enumerate(batch, start=first):
+        f = {**f, "delivery_id": ns + f["delivery_id"], "idempotency_key": ns + f["idempotency_key"]}
+        entry_id = f"{n}-0"
+        raw[entry_id] = f
+        out.append(command_of(entry_id, f))
+    return out, raw
+
+
+def command_of(entry_id: str, f: dict[str, str]) -> Command:
+    got = validate(entry_id, as_bytes(f), now=NOW, has_template=lambda _: True)
+    assert isinstance(got, Command), got
+    return got
+
+
+def decided(tables: Tables, ns: str) -> tuple[dict[str, tuple[str, str, str]], list[tuple[str, str, str, str]]]:
+    """What the database holds for one namespace, with the namespace taken off: each delivery's
+    key and content, and the quarantined commands."""
+    deliveries = {r["delivery_id"].removeprefix(ns): (r["source"], r["idempotency_key"].removeprefix(ns), r["locale"])
+                  for r in tables.rows("SELECT * FROM mail.deliveries WHERE delivery_id LIKE %s", (ns + "%",))}
+    rejected = sorted((r["failure_code"], r["delivery_id"].removeprefix(ns),
+                       r["fields"]["idempotency_key"].removeprefix(ns), r["fields"]["locale"])
+                      for r in tables.rows("SELECT * FROM mail.malformed_commands WHERE delivery_id LIKE %s",
+                                           (ns + "%",)))
+    return deliveries, rejected
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.filter_too_much])
+@given(batches=two_batches(), delay=st.sampled_from([0.0, 0.0003, 0.001, 0.003]))
+def test_batches_committed_together_decide_as_one_after_the_other(
+    batches: tuple[list[dict[str, str]], list[dict[str, str]]], delay: float,
+    service_env: dict[str, str], tables: Tables,
+) -> None:
+    """Whenever `may_commit_together` lets a later batch commit beside an earlier one, the
+    database ends as if they had been committed one after the other: the same deliveries with
+    the same content, the same commands quarantined, every entry decided once."""
+    earlier, later = batches
+    run = uuid.uuid4().hex[:8]
+    serial_ns, together_ns = f"s{run}-", f"t{run}-"
+    first = uuid.uuid4().int % 10**15 * 100
+    a_serial, raw_serial = namespaced(earlier, serial_ns, first)
+    b_serial, raw_b = namespaced(later, serial_ns, first + len(earlier))
+    raw_serial.update(raw_b)
+    a_together, raw_together = namespaced(earlier, together_ns, first + 50)
+    b_together, raw_b = namespaced(later, together_ns, first + 50 + len(earlier))
+    raw_together.update(raw_b)
+    assume(may_commit_together(a_together, b_together))
+    settings_ = settings_for(service_env)
+
+    async def commit(db: Database, cmds: list[Command], raw: dict[str, dict[str, str]]) -> store.BatchResult:
+        def make_conflict(cmd: Command, detail: str) -> Malformed:
+            return conflict(cmd, detail, raw[cmd.stream_entry_id])
+
+        return await db.transaction(lambda conn: store.commit_batch(
+            conn, cmds, [], ttl=timedelta(days=1), message_domain="example.com", make_conflict=make_conflict))
+
+    async def main() -> list[store.BatchResult]:
+        async with bridge.open_loop():
+            db = Database(settings_.postgres_dsn, 4)
+            await db.open()
+            try:
+                results = [await commit(db, a_serial, raw_serial), await commit(db, b_serial, raw_serial)]
+                together: list[store.BatchResult] = []
+
+                async def one(cmds: list[Command]) -> None:
+                    together.append(await commit(db, cmds, raw_together))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(one, a_together)
+                    await trio.sleep(delay)
+                    nursery.start_soon(one, b_together)
+                return results + together
+            finally:
+                await db.close()
+
+    results = trio.run(main)
+    serial, together = results[:2], results[2:]
+
+    def counts(rs: list[store.BatchResult]) -> tuple[int, int]:
+        return sum(len(r.accepted) + len(r.duplicates) for r in rs), sum(len(r.rejected) for r in rs)
+
+    total = len(earlier) + len(later)
+    assert sum(counts(serial)) == sum(counts(together)) == total
+    assert counts(serial) == counts(together)
+    assert decided(tables, serial_ns) == decided(tables, together_ns)
