@@ -15,12 +15,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+import pytest
 import redis
 import trio
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from mailtrio import bridge
+from mailtrio import bridge, intake
 from mailtrio.commands import Command, Malformed, Outcome, conflict, validate
 from mailtrio.config import Settings
 from mailtrio.intake import may_commit_together
@@ -124,8 +125,9 @@ def consumer_settings(service_env: dict[str, str]) -> Settings:
 
 async def test_a_disjoint_batch_commits_while_the_one_before_waits(
     service_env: dict[str, str], xadd: Any, tables: Tables, database: str,
-    redis_client: redis.Redis, stream_key: str,
+    redis_client: redis.Redis, stream_key: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(intake, "OVERLAP_MIN", 5)
     settings = consumer_settings(service_env)
     with held_reservation(database, "k-first") as blocker:
         async with opened(settings) as w, trio.open_nursery() as nursery:
@@ -146,10 +148,33 @@ async def test_a_disjoint_batch_commits_while_the_one_before_waits(
     assert len(later) == 5 and tables.count("malformed_commands") == 0
 
 
-async def test_a_batch_the_one_before_decides_waits_and_the_earlier_command_wins(
+async def test_a_small_batch_waits_for_the_commit_before_it(
     service_env: dict[str, str], xadd: Any, tables: Tables, database: str,
     redis_client: redis.Redis, stream_key: str,
 ) -> None:
+    """Below OVERLAP_MIN entries (a trickle, not a backlog) a batch is not committed beside the
+    one before it, even with nothing in common: it waits, and is topped up meanwhile."""
+    settings = consumer_settings(service_env)
+    assert intake.OVERLAP_MIN > 5
+    with held_reservation(database, "k-first") as blocker:
+        async with opened(settings) as w, trio.open_nursery() as nursery:
+            await nursery.start(w.consumer.run)
+            xadd(entry(delivery_id="first", idempotency_key="k-first"))
+            await eventually(lambda: waiting_on_a_lock(tables), what="the first batch waiting in its commit")
+            xadd_together(redis_client, stream_key, *(entry(delivery_id=f"later-{i}") for i in range(5)))
+            await eventually(lambda: pending(redis_client, stream_key) == 6, what="the later batch read")
+            await trio.sleep(0.5)
+            assert tables.count("deliveries") == 0 and w.consumer.overlapped == 0
+            blocker.rollback()
+            await eventually(lambda: tables.count("deliveries") == 6, what="both batches committed")
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_the_one_before_decides_waits_and_the_earlier_command_wins(
+    service_env: dict[str, str], xadd: Any, tables: Tables, database: str,
+    redis_client: redis.Redis, stream_key: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(intake, "OVERLAP_MIN", 1)
     settings = consumer_settings(service_env)
     with held_reservation(database, "k-first") as blocker:
         async with opened(settings) as w, trio.open_nursery() as nursery:
@@ -175,11 +200,12 @@ async def test_a_batch_the_one_before_decides_waits_and_the_earlier_command_wins
 
 async def test_an_exact_repeat_commits_beside_its_original_and_makes_one_delivery(
     service_env: dict[str, str], xadd: Any, tables: Tables, database: str,
-    redis_client: redis.Redis, stream_key: str,
+    redis_client: redis.Redis, stream_key: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The repeat's batch goes ahead; its statement queues on the original's reservation, so
     whichever the database takes first, one delivery results and the other entry is its
     duplicate."""
+    monkeypatch.setattr(intake, "OVERLAP_MIN", 2)
     settings = consumer_settings(service_env)
     with held_reservation(database, "k-block") as blocker:
         async with opened(settings) as w, trio.open_nursery() as nursery:
