@@ -249,10 +249,9 @@ class Consumer:
         previous one is acknowledged and the next one is read and validated. That next batch, when
         it holds OVERLAP_MIN entries or more, is committed beside it when `may_commit_together`
         allows (and the one after it is read and validated meanwhile); otherwise it starts after
-        the previous commit returned. A failure
-        of either commit fails the pipeline: what was not committed is read again from this
-        consumer's pending entries. Pending and claimed batches are processed with nothing in
-        flight, every committed batch acknowledged first."""
+        the previous commit returned. A failure of either commit fails the pipeline: what was not
+        committed is read again from this consumer's pending entries. Pending and claimed batches
+        are processed with nothing in flight, every committed batch acknowledged first."""
         ready: _Batch | None = None
         self._settling = []
         async with trio.open_nursery() as settling:
@@ -300,7 +299,7 @@ class Consumer:
                                     self.overlapped += 1
                                     if self._reading_new():
                                         entries = await self.stream.read_new(self._batch_count(), self.block)
-                                        read_during_commit = not second.is_set()
+                                        read_during_commit = not (committed.is_set() and second.is_set())
                                         nxt.append(await self._prepare(entries, "new", checkpoints=True))
                                 else:
                                     nxt.append(later)
