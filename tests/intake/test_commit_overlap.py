@@ -338,3 +338,51 @@ def test_batches_committed_together_decide_as_one_after_the_other(
     assert sum(counts(serial)) == sum(counts(together)) == total
     assert counts(serial) == counts(together)
     assert decided(tables, serial_ns) == decided(tables, together_ns)
+
+
+async def test_a_commit_that_fails_while_the_next_one_committed_loses_and_doubles_nothing(
+    service_env: dict[str, str], database: str, tables: Tables, redis_client: redis.Redis, stream_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backlog in small batches, each committed beside the one before when it may. The first
+    batch's commit waits on a row lock while the second commits beside it; then the first one's
+    session is terminated. The consumer starts again from its pending entries: every entry is
+    decided exactly once (one delivery per command, its repeats duplicates, the later of two
+    differing commands for one key a conflict), nothing stays pending."""
+    monkeypatch.setattr(intake, "OVERLAP_MIN", 8)
+    commands = [entry(delivery_id=f"c-{i}", idempotency_key=f"ck-{i}") for i in range(200)]
+    mix: list[dict[str, str]] = []
+    for i, c in enumerate(commands):
+        mix.append(c)
+        if i % 7 == 3:
+            mix.append(dict(commands[i - 2]))  # an exact repeat a few entries later
+        if i % 50 == 10:
+            mix.append(entry(delivery_id=f"c-{i}", idempotency_key=f"ck-{i}", locale="fr"))  # a conflict
+    conflicts = sum(1 for f in mix if f["locale"] == "fr")
+    pipe = redis_client.pipeline(transaction=False)
+    for fields in mix:
+        pipe.xadd(stream_key, fields)  # type: ignore[arg-type]
+    pipe.execute()
+    settings = consumer_settings(service_env)
+    with held_reservation(database, "ck-5") as blocker:
+        async with opened(settings) as w, trio.open_nursery() as nursery:
+            w.consumer._avg_entry_bytes = 1e12  # batches of MIN_BATCH entries
+            await nursery.start(w.consumer.run)
+            await eventually(lambda: w.consumer.overlapped >= 1 and waiting_on_a_lock(tables),
+                             what="the second batch committed beside the first, which waits")
+            await eventually(lambda: tables.count("deliveries") > 0, what="the second batch committed")
+            assert "c-5" not in tables.deliveries()
+            tables.rows("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND wait_event_type = 'Lock'")
+            # started again from its pending entries: the first batch waits on the lock once more
+            await eventually(lambda: waiting_on_a_lock(tables), what="the first batch retried")
+            blocker.rollback()
+            await eventually(lambda: pending(redis_client, stream_key) == 0
+                             and tables.count("deliveries") == len(commands), what="the backlog decided")
+            nursery.cancel_scope.cancel()
+    deliveries = tables.deliveries()
+    assert set(deliveries) == {c["delivery_id"] for c in commands}
+    assert all(d["locale"] == "en" for d in deliveries.values())
+    rejected = tables.malformed()
+    assert len(rejected) == conflicts
+    assert all(r["failure_code"] == "idempotency_conflict" for r in rejected.values())
