@@ -9,8 +9,8 @@ by another session)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -27,7 +27,7 @@ from mailtrio.config import Settings
 from mailtrio.intake import may_commit_together
 from mailtrio.store import Database
 from mailtrio.store import intake as store
-from tests.intake.conftest import Tables, as_bytes, entry, eventually, opened, settings_for
+from tests.intake.conftest import Tables, Wiring, as_bytes, entry, eventually, opened, settings_for
 
 NOW = datetime.now(UTC)
 
@@ -123,27 +123,36 @@ def consumer_settings(service_env: dict[str, str]) -> Settings:
     return settings_for(service_env, MAIL_REDIS_CLAIM_IDLE="300s")
 
 
+@asynccontextmanager
+async def first_batch_held(settings: Settings, database: str, tables: Tables, xadd: Any
+                           ) -> AsyncIterator[tuple[Wiring, psycopg.Connection[Any]]]:
+    """A running consumer whose first batch (`first`, key `k-first`) waits in its commit on a row
+    lock another session holds (roll that session back to let it go); stopped on the way out."""
+    with held_reservation(database, "k-first") as blocker:
+        async with opened(settings) as w, trio.open_nursery() as nursery:
+            await nursery.start(w.consumer.run)
+            xadd(entry(delivery_id="first", idempotency_key="k-first"))
+            await eventually(lambda: waiting_on_a_lock(tables), what="the first batch waiting in its commit")
+            yield w, blocker
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_disjoint_batch_commits_while_the_one_before_waits(
     service_env: dict[str, str], xadd: Any, tables: Tables, database: str,
     redis_client: redis.Redis, stream_key: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(intake, "OVERLAP_MIN", 5)
     settings = consumer_settings(service_env)
-    with held_reservation(database, "k-first") as blocker:
-        async with opened(settings) as w, trio.open_nursery() as nursery:
-            await nursery.start(w.consumer.run)
-            xadd(entry(delivery_id="first", idempotency_key="k-first"))
-            await eventually(lambda: waiting_on_a_lock(tables), what="the first batch waiting in its commit")
-            later = xadd_together(redis_client, stream_key, *(entry(delivery_id=f"later-{i}") for i in range(5)))
-            # committed (and acknowledged) while the batch before it is still waiting
-            await eventually(lambda: tables.count("deliveries") == 5, what="the later batch committed")
-            assert "first" not in tables.deliveries()
-            assert waiting_on_a_lock(tables)
-            assert w.consumer.overlapped == 1
-            blocker.rollback()
-            await eventually(lambda: "first" in tables.deliveries(), what="the first batch committed")
-            await eventually(lambda: pending(redis_client, stream_key) == 0, what="everything acknowledged")
-            nursery.cancel_scope.cancel()
+    async with first_batch_held(settings, database, tables, xadd) as (w, blocker):
+        later = xadd_together(redis_client, stream_key, *(entry(delivery_id=f"later-{i}") for i in range(5)))
+        # committed (and acknowledged) while the batch before it is still waiting
+        await eventually(lambda: tables.count("deliveries") == 5, what="the later batch committed")
+        assert "first" not in tables.deliveries()
+        assert waiting_on_a_lock(tables)
+        assert w.consumer.overlapped == 1
+        blocker.rollback()
+        await eventually(lambda: "first" in tables.deliveries(), what="the first batch committed")
+        await eventually(lambda: pending(redis_client, stream_key) == 0, what="everything acknowledged")
     assert set(tables.deliveries()) == {"first", *(f"later-{i}" for i in range(5))}
     assert len(later) == 5 and tables.count("malformed_commands") == 0
 
@@ -156,18 +165,13 @@ async def test_a_small_batch_waits_for_the_commit_before_it(
     one before it, even with nothing in common: it waits, and is topped up meanwhile."""
     settings = consumer_settings(service_env)
     assert intake.OVERLAP_MIN > 5
-    with held_reservation(database, "k-first") as blocker:
-        async with opened(settings) as w, trio.open_nursery() as nursery:
-            await nursery.start(w.consumer.run)
-            xadd(entry(delivery_id="first", idempotency_key="k-first"))
-            await eventually(lambda: waiting_on_a_lock(tables), what="the first batch waiting in its commit")
-            xadd_together(redis_client, stream_key, *(entry(delivery_id=f"later-{i}") for i in range(5)))
-            await eventually(lambda: pending(redis_client, stream_key) == 6, what="the later batch read")
-            await trio.sleep(0.5)
-            assert tables.count("deliveries") == 0 and w.consumer.overlapped == 0
-            blocker.rollback()
-            await eventually(lambda: tables.count("deliveries") == 6, what="both batches committed")
-            nursery.cancel_scope.cancel()
+    async with first_batch_held(settings, database, tables, xadd) as (w, blocker):
+        xadd_together(redis_client, stream_key, *(entry(delivery_id=f"later-{i}") for i in range(5)))
+        await eventually(lambda: pending(redis_client, stream_key) == 6, what="the later batch read")
+        await trio.sleep(0.5)
+        assert tables.count("deliveries") == 0 and w.consumer.overlapped == 0
+        blocker.rollback()
+        await eventually(lambda: tables.count("deliveries") == 6, what="both batches committed")
 
 
 async def test_a_batch_the_one_before_decides_waits_and_the_earlier_command_wins(
@@ -176,22 +180,17 @@ async def test_a_batch_the_one_before_decides_waits_and_the_earlier_command_wins
 ) -> None:
     monkeypatch.setattr(intake, "OVERLAP_MIN", 1)
     settings = consumer_settings(service_env)
-    with held_reservation(database, "k-first") as blocker:
-        async with opened(settings) as w, trio.open_nursery() as nursery:
-            await nursery.start(w.consumer.run)
-            xadd(entry(delivery_id="first", idempotency_key="k-first"))
-            await eventually(lambda: waiting_on_a_lock(tables), what="the first batch waiting in its commit")
-            _, changed = xadd_together(redis_client, stream_key, entry(delivery_id="other"),
-                                       entry(delivery_id="first", idempotency_key="k-first", locale="fr"))
-            # read, and held back: nothing of it is committed while the first batch waits
-            await eventually(lambda: pending(redis_client, stream_key) == 3, what="the later batch read")
-            await trio.sleep(0.5)
-            assert tables.count("deliveries") == 0
-            assert w.consumer.overlapped == 0
-            blocker.rollback()
-            await eventually(lambda: tables.count("deliveries") == 2 and tables.count("malformed_commands") == 1,
-                             what="both batches committed")
-            nursery.cancel_scope.cancel()
+    async with first_batch_held(settings, database, tables, xadd) as (w, blocker):
+        _, changed = xadd_together(redis_client, stream_key, entry(delivery_id="other"),
+                                   entry(delivery_id="first", idempotency_key="k-first", locale="fr"))
+        # read, and held back: nothing of it is committed while the first batch waits
+        await eventually(lambda: pending(redis_client, stream_key) == 3, what="the later batch read")
+        await trio.sleep(0.5)
+        assert tables.count("deliveries") == 0
+        assert w.consumer.overlapped == 0
+        blocker.rollback()
+        await eventually(lambda: tables.count("deliveries") == 2 and tables.count("malformed_commands") == 1,
+                         what="both batches committed")
     deliveries = tables.deliveries()
     assert set(deliveries) == {"first", "other"}
     assert deliveries["first"]["locale"] == "en"  # the earlier command won
