@@ -2,7 +2,8 @@
 
 Claim ahead: claim due deliveries in one UPDATE over a `FOR UPDATE SKIP LOCKED` subselect
 (authsession before notification, through the partial indexes on `deliveries (next_attempt_at)`),
-render and store what is not rendered yet, and hand each to a worker over the unbuffered channel.
+render and store what is not rendered yet, and hand each to a worker over the unbuffered channel
+(all the workers already waiting take theirs in one step, not one scheduler turn apart).
 A claim sets status `sending` and a lease (owner MAIL_INSTANCE_ID, expiry MAIL_SMTP_TIMEOUT +
 15 s). Claims are made not only for idle workers but also for a small buffer ahead of them
 (CLAIM_AHEAD_PER_WORKER jobs per worker): claimed, rendered jobs whose claim task waits in
@@ -287,7 +288,11 @@ class Scheduler:
                 for job in jobs:
                     # A job waits in the buffer only while a worker could still send it (the
                     # worker's own check gives it back past the same point).
-                    with trio.move_on_at(job.lease_end - LEASE_MARGIN - MIN_SEND_SECONDS):
+                    last = job.lease_end - LEASE_MARGIN - MIN_SEND_SECONDS
+                    if trio.current_time() < last and self._hand_over(job):
+                        handed += 1
+                        continue
+                    with trio.move_on_at(last):
                         await self.send_channel.send(job)
                         handed += 1
                         self.buffered -= 1
@@ -305,6 +310,21 @@ class Scheduler:
         except Exception as exc:
             _log.warning("scheduler claim failed", error=_one_line(exc))
             self._error = True
+
+    def _hand_over(self, job: Job) -> bool:
+        """Give `job` to a worker waiting for one, without yielding; False when none waits.
+
+        `await send_channel.send` yields to the scheduler after every job it hands over, so a
+        claim's jobs would reach idle workers one loop turn apart (with sixteen workers and the
+        intake on the loop, ~0.3-1 ms each): measured, workers sat idle beside a full buffer.
+        """
+        try:
+            self.send_channel.send_nowait(job)
+        except trio.WouldBlock:
+            return False
+        self.buffered -= 1
+        self._capacity.set()
+        return True
 
     async def _dispatch(self, jobs: list[Job]) -> None:
         handed = 0

@@ -14,13 +14,14 @@ from collections.abc import Callable
 from datetime import datetime
 
 import trio
+import trio.testing
 
 from mailtrio.catalog import Catalog
 from mailtrio.config import Settings
 from mailtrio.providers.build import build_provider
 from mailtrio.scheduler import CLAIM_AHEAD_PER_WORKER, Scheduler
 from mailtrio.store import Database
-from mailtrio.workers import LEASE_MARGIN, Job, WorkerPool
+from mailtrio.workers import LEASE_MARGIN, MIN_SEND_SECONDS, Job, WorkerPool
 from tests.engine import helpers as h
 from tests.engine.conftest import smtp_env
 from tests.engine.test_engine_inprocess import poll
@@ -116,6 +117,79 @@ async def test_a_job_whose_lease_ran_short_in_the_buffer_is_given_back_unsent(
     assert [a["status"] for a in h.attempts(database, "next")] == ["provider_accepted"]
     accepted = server.accepted_by_message_id()
     assert sorted(len(accepted[rows[i]["message_id"]]) for i in ids) == [1, 1, 1]
+
+
+async def _receivers(
+    receive: trio.MemoryReceiveChannel[Job], scheduler: Scheduler, count: int, nursery: trio.Nursery
+) -> list[tuple[str, int]]:
+    """`count` tasks standing in for idle workers: each takes one job and notes how many jobs the
+    scheduler had handed over (left its buffer) by the time that task ran again."""
+    got: list[tuple[str, int]] = []
+    claimed_before = scheduler.claimed
+
+    async def one() -> None:
+        job = await receive.receive()
+        handed = scheduler.claimed - claimed_before - scheduler.buffered
+        got.append((job.claim.delivery_id, handed))
+        job.span.end()
+
+    for _ in range(count):
+        nursery.start_soon(one)
+    await trio.testing.wait_all_tasks_blocked()
+    assert scheduler._idle() == count
+    return got
+
+
+async def test_a_claim_reaches_every_waiting_worker_in_one_step(
+    db: Database, database: str, service_env: dict[str, str]
+) -> None:
+    """With workers waiting, a claim's jobs are all handed over before any of those workers runs:
+    none waits a scheduler turn per job ahead of it (each such turn is a pass over every task
+    the service runs)."""
+    settings = Settings.from_env({**service_env, "MAIL_ATTEMPT_WORKER_CONCURRENCY": "6"})
+    ids = h.insert(database, [h.delivery(f"w{i}") for i in range(6)])
+    send, receive = trio.open_memory_channel[Job](0)
+    pool = WorkerPool(settings, db, Catalog.load(TEMPLATES, "en"), build_provider(settings), receive)
+    scheduler = Scheduler(settings, db, send, pool)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            got = await _receivers(receive, scheduler, 6, nursery)
+            await scheduler._claim_and_dispatch(6)
+    assert sorted(d for d, _ in got) == sorted(ids)
+    assert [handed for _, handed in got] == [6] * 6, got
+    assert scheduler.buffered == 0 and scheduler.released == 0
+    assert h.status_counts(database) == {"sending": 6}
+
+
+class NoWindow(Settings):
+    """Settings whose lease leaves less than MIN_SEND_SECONDS to send in from the start."""
+
+    @property
+    def lease_seconds(self) -> float:
+        return LEASE_MARGIN + MIN_SEND_SECONDS / 2
+
+
+async def test_a_job_without_send_window_is_given_back_though_a_worker_waits(
+    db: Database, database: str, service_env: dict[str, str]
+) -> None:
+    """The hand-over to a waiting worker checks the lease as the buffer does: a job that could not
+    be sent in time is given back unsent, not handed over."""
+    base = Settings.from_env({**service_env, "MAIL_ATTEMPT_WORKER_CONCURRENCY": "2"})
+    settings = NoWindow(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    h.insert(database, [h.delivery(f"x{i}") for i in range(2)])
+    send, receive = trio.open_memory_channel[Job](0)
+    pool = WorkerPool(settings, db, Catalog.load(TEMPLATES, "en"), build_provider(settings), receive)
+    scheduler = Scheduler(settings, db, send, pool)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            got = await _receivers(receive, scheduler, 2, nursery)
+            await scheduler._claim_and_dispatch(2)
+            assert got == []
+            nursery.cancel_scope.cancel()
+    assert scheduler.released == 2 and scheduler.buffered == 0
+    rows = h.deliveries(database)
+    assert {r["status"] for r in rows.values()} == {"rendered"}
+    assert all(r["lease_owner"] is None and r["attempt_count"] == 0 for r in rows.values())
 
 
 def test_sigterm_gives_buffered_jobs_back_at_once(
