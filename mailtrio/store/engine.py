@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,9 +20,21 @@ import trio
 from mailtrio.store import Conn
 from mailtrio.store.queries import q
 
+# orjson reads an integer beyond 64 bits as a float: text with a run of 19 digits (or anything
+# orjson refuses) is decoded by the standard library, which keeps such integers exact.
+_LONG_INT = re.compile(r"\d{19}")
+
 
 def _json(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
+    """Decode a JSON column as the standard library would, with orjson doing the common case."""
+    if text is None:
+        return None
+    if _LONG_INT.search(text) is None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)
 
 
 @dataclass(frozen=True)

@@ -285,6 +285,29 @@ def test_batch_json_is_the_stdlibs(value: object) -> None:
     assert json.loads(store._dumps(value)) == json.loads(reference)
 
 
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=10**17, max_value=10**30)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=20)
+
+
+@given(_JSON_VALUES, st.booleans())
+def test_claimed_json_decodes_as_the_stdlib_does(value: object, spaced: bool) -> None:
+    """A claimed row's JSON columns (orjson, with the stdlib for long integer runs or whatever
+    orjson refuses) decode to what the stdlib makes of them, down to int versus float."""
+    text = json.dumps(value, ensure_ascii=False, separators=(", ", ": ") if spaced else (",", ":"))
+    decoded, reference = store._json(text), json.loads(text)
+    assert decoded == reference
+    assert repr(decoded) == repr(reference)
+
+
+def test_claimed_json_keeps_integers_beyond_64_bits_exact() -> None:
+    assert store._json('{"n": 123456789012345678901234567890}') == {"n": 123456789012345678901234567890}
+    assert store._json('[18446744073709551616, 1e400]') == [18446744073709551616, float("inf")]
+    assert store._json(None) is None
+
+
 async def test_the_content_write_is_one_statement_that_skips_the_wal_flush_wait(db: Database, database: str) -> None:
     """store_content turns synchronous_commit off for its own transaction only (set_config, local),
     so it can run alone in autocommit; contents alone are written in that one statement."""
