@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import random
 
+# Seeded once per process (from the OS): a fresh Random() per Backoff would read os.urandom each
+# time, and the outcome writer makes one for every batch it writes.
+_SHARED = random.Random()
+
 
 class Backoff:
     def __init__(self, first: float, cap: float, *, jitter: float = 0.5, rng: random.Random | None = None) -> None:
@@ -22,7 +26,7 @@ class Backoff:
         self.first = first
         self.cap = cap
         self.jitter = jitter
-        self._rng = rng or random.Random()
+        self._rng = rng or _SHARED
         self._step = first
 
     def next(self) -> float:
