@@ -461,7 +461,9 @@ class WorkerPool:
         )
         try:
             # Child spans are started and ended explicitly (no context switch: nothing logs inside).
-            render_span = None if claim.rendered else telemetry.tracer.start_span(
+            # A span not recorded (no exporter: ids only, see telemetry) has children that no
+            # sampler would record either (they share its trace id and parent): none is made.
+            render_span = None if claim.rendered or not span.is_recording() else telemetry.tracer.start_span(
                 "render", context=trace.set_span_in_context(span),
                 attributes={"mail.template_id": claim.template_id or "", "mail.locale": claim.locale},
             )
@@ -688,9 +690,10 @@ class WorkerPool:
         timeout = self.settings.smtp_timeout
         bound = timeout if window is None else min(timeout, window)
         start = trio.current_time()
+        # Under the attempt's span (see _attempt); when that is not recorded, neither is this.
         span = telemetry.tracer.start_span(
             "smtp send", kind=SpanKind.CLIENT, attributes=self._send_attributes(len(envelope.recipients)),
-        )
+        ) if trace.get_current_span().is_recording() else trace.INVALID_SPAN
         try:
             with trio.move_on_after(bound) as scope:
                 report = await session.send(envelope, data)
