@@ -169,10 +169,16 @@ class TrioPool:
     async def connection(self) -> AsyncIterator[TrioConnection]:
         if self._closed:
             raise PoolTimeout("the connection pool is closed")
-        with trio.move_on_after(self.timeout) as scope:
-            await self._slots.acquire()
-        if scope.cancelled_caught:
-            raise PoolTimeout(f"no connection available within {self.timeout:g}s")
+        # A caller already cancelled stops here, before anything is sent; a free slot is then
+        # taken without a trip through the run loop (the unit of work waits for the server anyway).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(self.timeout) as scope:
+                await self._slots.acquire()
+            if scope.cancelled_caught:
+                raise PoolTimeout(f"no connection available within {self.timeout:g}s") from None
         try:
             conn = None
             while self._idle:

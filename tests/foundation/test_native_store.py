@@ -135,6 +135,46 @@ async def test_the_pool_bound_holds_and_times_out(database: str) -> None:
             await db.close()
 
 
+async def test_a_unit_takes_a_free_connection_without_a_scheduler_turn_and_never_when_cancelled(
+    database: str,
+) -> None:
+    """A free connection is handed over at once: the unit starts before any other task gets to run
+    (a scheduler turn per statement costs every task on the loop a pass). A caller already
+    cancelled gets no connection and sends nothing."""
+    async with bridge.open_loop():
+        db = Database(database, 2, min_size=2)
+        await db.open()
+        try:
+            order: list[str] = []
+
+            async def unit(conn: Any) -> int:
+                order.append("unit")
+                return await _pid(conn)
+
+            async def other() -> None:
+                order.append("other")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other)  # runnable, waiting for the next scheduler turn
+                await db.run(unit)
+            assert order == ["unit", "other"]
+
+            ran: list[int] = []
+
+            async def must_not_run(conn: Any) -> None:
+                ran.append(await _pid(conn))
+
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await db.run(must_not_run)
+            assert scope.cancelled_caught and ran == []
+            # both connections are still in the pool, idle and usable
+            assert len(db.pool._idle) == 2
+            assert await db.run(_pid) > 0
+        finally:
+            await db.close()
+
+
 async def test_notifies_wait_with_a_timeout_from_trio(database: str) -> None:
     async with bridge.open_loop():
         db = Database(database, 1)
