@@ -33,6 +33,14 @@ def sending_ids(dsn: str) -> set[str]:
     return {r["delivery_id"] for r in h.query(dsn, "SELECT delivery_id FROM mail.deliveries WHERE status = 'sending'")}
 
 
+def engine(settings: Settings, db: Database) -> Scheduler:
+    """A scheduler and its worker pool (`.pool`) as the service wires them: an unbuffered job
+    channel between the two."""
+    send, receive = trio.open_memory_channel[Job](0)
+    pool = WorkerPool(settings, db, Catalog.load(TEMPLATES, "en"), build_provider(settings), receive)
+    return Scheduler(settings, db, send, pool)
+
+
 async def test_the_buffer_is_bounded_and_given_back_at_once_when_cancelled(
     db: Database, database: str, service_env: dict[str, str], smtp_factory: Callable[..., SmtpTestServer]
 ) -> None:
@@ -41,9 +49,8 @@ async def test_the_buffer_is_bounded_and_given_back_at_once_when_cancelled(
     settings = Settings.from_env(smtp_env(service_env, server, MAIL_ATTEMPT_WORKER_CONCURRENCY="2",
                                           MAIL_SMTP_TIMEOUT="20s"))
     ids = h.insert(database, [h.delivery(f"n{i}") for i in range(10)])
-    send, receive = trio.open_memory_channel[Job](0)
-    pool = WorkerPool(settings, db, Catalog.load(TEMPLATES, "en"), build_provider(settings), receive)
-    scheduler = Scheduler(settings, db, send, pool)
+    scheduler = engine(settings, db)
+    pool = scheduler.pool
     ahead = CLAIM_AHEAD_PER_WORKER * 2
     assert scheduler.ahead == ahead
     with trio.fail_after(60):
@@ -99,9 +106,8 @@ async def test_a_job_whose_lease_ran_short_in_the_buffer_is_given_back_unsent(
     h.insert(database, [h.delivery("next", delay_s=-5)])
     h.insert(database, [h.delivery("last", delay_s=-1)])
     ids = ["slow", "next", "last"]
-    send, receive = trio.open_memory_channel[Job](0)
-    pool = WorkerPool(settings, db, Catalog.load(TEMPLATES, "en"), build_provider(settings), receive)
-    scheduler = Scheduler(settings, db, send, pool)
+    scheduler = engine(settings, db)
+    pool = scheduler.pool
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(pool.run)
@@ -119,16 +125,14 @@ async def test_a_job_whose_lease_ran_short_in_the_buffer_is_given_back_unsent(
     assert sorted(len(accepted[rows[i]["message_id"]]) for i in ids) == [1, 1, 1]
 
 
-async def _receivers(
-    receive: trio.MemoryReceiveChannel[Job], scheduler: Scheduler, count: int, nursery: trio.Nursery
-) -> list[tuple[str, int]]:
+async def _receivers(scheduler: Scheduler, count: int, nursery: trio.Nursery) -> list[tuple[str, int]]:
     """`count` tasks standing in for idle workers: each takes one job and notes how many jobs the
     scheduler had handed over (left its buffer) by the time that task ran again."""
     got: list[tuple[str, int]] = []
     claimed_before = scheduler.claimed
 
     async def one() -> None:
-        job = await receive.receive()
+        job = await scheduler.pool.receive_channel.receive()
         handed = scheduler.claimed - claimed_before - scheduler.buffered
         got.append((job.claim.delivery_id, handed))
         job.span.end()
@@ -148,12 +152,10 @@ async def test_a_claim_reaches_every_waiting_worker_in_one_step(
     the service runs)."""
     settings = Settings.from_env({**service_env, "MAIL_ATTEMPT_WORKER_CONCURRENCY": "6"})
     ids = h.insert(database, [h.delivery(f"w{i}") for i in range(6)])
-    send, receive = trio.open_memory_channel[Job](0)
-    pool = WorkerPool(settings, db, Catalog.load(TEMPLATES, "en"), build_provider(settings), receive)
-    scheduler = Scheduler(settings, db, send, pool)
+    scheduler = engine(settings, db)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            got = await _receivers(receive, scheduler, 6, nursery)
+            got = await _receivers(scheduler, 6, nursery)
             await scheduler._claim_and_dispatch(6)
     assert sorted(d for d, _ in got) == sorted(ids)
     assert [handed for _, handed in got] == [6] * 6, got
@@ -177,12 +179,10 @@ async def test_a_job_without_send_window_is_given_back_though_a_worker_waits(
     base = Settings.from_env({**service_env, "MAIL_ATTEMPT_WORKER_CONCURRENCY": "2"})
     settings = NoWindow(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
     h.insert(database, [h.delivery(f"x{i}") for i in range(2)])
-    send, receive = trio.open_memory_channel[Job](0)
-    pool = WorkerPool(settings, db, Catalog.load(TEMPLATES, "en"), build_provider(settings), receive)
-    scheduler = Scheduler(settings, db, send, pool)
+    scheduler = engine(settings, db)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            got = await _receivers(receive, scheduler, 2, nursery)
+            got = await _receivers(scheduler, 2, nursery)
             await scheduler._claim_and_dispatch(2)
             assert got == []
             nursery.cancel_scope.cancel()
